@@ -1,0 +1,249 @@
+"""Typed run configuration: YAML recipes, ``key=value`` overrides and validation.
+
+A recipe is one YAML mapping with the sections ``model``, ``data``, ``lora``, ``train``,
+``generation`` and ``eval``. Unknown keys, wrong types and out-of-range values are rejected
+when the file is loaded, and every problem is reported in one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """Raised when a recipe or an override is invalid. The message lists every problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Base model to fine-tune."""
+
+    name_or_path: str = Field(
+        EMBEDDED_MODEL,
+        description="Hub model id, local folder, .gguf file, or 'embedded:smollm2-135m-instruct'.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path.")
+    family: Literal["auto", "seq2seq", "causal"] = Field(
+        "auto", description="Model family; 'auto' reads it from the model config."
+    )
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="Load the frozen base in 8-bit or 4-bit (bitsandbytes, CUDA only)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped inside the model folder. Off by default."
+    )
+
+
+class DataConfig(_Section):
+    """Dataset source, columns, cleaning and length limits."""
+
+    source: str = Field(
+        "knkarthick/samsum",
+        description="Hub dataset id, a folder of split files, a single file, or 'demo'.",
+    )
+    train_split: str = "train"
+    validation_split: str | None = "validation"
+    test_split: str | None = "test"
+    text_column: str = Field("dialogue", description="Column with the input text.")
+    summary_column: str = Field(
+        "summary", description="Column with the target; a list column gives several references."
+    )
+    id_column: str | None = Field("id", description="Column with row ids; None numbers rows.")
+    max_train_samples: int | None = Field(None, gt=0, description="Keep the first N train rows.")
+    max_eval_samples: int | None = Field(
+        None, gt=0, description="Keep the first N validation rows."
+    )
+    max_test_samples: int | None = Field(None, gt=0, description="Keep the first N test rows.")
+    prompt: str = Field(
+        "Summarize this dialogue:\n{text}",
+        description="Input template; {text} is replaced by the input column.",
+    )
+    max_source_length: int | None = Field(
+        None, gt=0, description="Max input tokens; None picks it from source_length_percentile."
+    )
+    max_target_length: int | None = Field(
+        None, gt=0, description="Max target tokens; None picks it from target_length_percentile."
+    )
+    source_length_percentile: float = Field(95.0, gt=0, le=100)
+    target_length_percentile: float = Field(95.0, gt=0, le=100)
+    seed: int = 42
+
+
+class LoraSettings(_Section):
+    """LoRA adapter settings passed to ``peft.LoraConfig``."""
+
+    r: int = Field(16, gt=0, description="Rank of the update matrices.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        "auto",
+        description="Module names, 'all-linear', or 'auto' (q,v for T5; attention for Llama).",
+    )
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+class TrainConfig(_Section):
+    """Optimisation, precision, logging and checkpoint settings."""
+
+    output_dir: str = "runs/loratune"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="Optimizer steps; -1 trains for 'epochs'.")
+    learning_rate: float = Field(3e-4, gt=0)
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch per device.")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 on GPUs that support it, else fp32."
+    )
+    gradient_checkpointing: bool = False
+    group_by_length: bool = Field(True, description="Batch examples of similar length together.")
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(200, gt=0, description="Optimizer steps between checkpoints.")
+    save_total_limit: int | None = Field(2, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="Validation loss every N steps.")
+    seed: int = 42
+    dataloader_num_workers: int = Field(0, ge=0)
+    overwrite_output_dir: bool = Field(False, description="Allow training into a used folder.")
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+
+
+class GenerationSettings(_Section):
+    """Decoding settings used by evaluate, predict and serve."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    num_beams: int = Field(1, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, gt=0, description="Examples per generate() call.")
+
+
+class EvalConfig(_Section):
+    """Which split to score after training."""
+
+    split: str = "test"
+    max_samples: int | None = Field(None, gt=0)
+    run_after_training: bool = True
+    compare_base: bool = Field(False, description="Also score the base model without adapter.")
+
+
+class RunConfig(_Section):
+    """A complete recipe."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> RunConfig:
+        problems = []
+        if "{text}" not in self.data.prompt:
+            problems.append(f"data.prompt: must contain '{{text}}', got {self.data.prompt!r}")
+        if self.generation.do_sample and self.generation.num_beams > 1:
+            problems.append("generation: do_sample=true with num_beams>1 is not supported")
+        if self.model.quantization != "none" and self.train.precision == "fp32":
+            problems.append("train.precision: fp32 with a quantized base; use 'auto' or 'bf16'")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {item['input']!r}); check the spelling")
+        elif item["type"] == "value_error":
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item['input']!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"invalid override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"invalid override {text!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with each ``a.b=value`` override set."""
+    merged = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _deep_copy(data: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def build_config(data: dict, source: str = "configuration") -> RunConfig:
+    """Validate a mapping into a ``RunConfig``; raise ``ConfigError`` listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: expected a mapping of sections")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML recipe (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"invalid YAML in {path}: {error}") from None
+    if overrides:
+        data = apply_overrides(data, overrides) if isinstance(data, dict) else data
+        source += " with overrides " + " ".join(overrides)
+    return build_config(data, source)
+
+
+def dump_config(config: RunConfig) -> str:
+    """Return the resolved config as YAML, every default written out."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,103 @@
+"""Batched generation for both model families.
+
+Prompts are sorted by length so each batch pads little, causal prompts are padded on the
+left so every row's last prompt token sits at the same position, and results come back in
+the caller's order. Only the new tokens are decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from loratune.config import GenerationSettings
+from loratune.data.formatting import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Generated:
+    """One generated text with its token counts."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+
+
+def generation_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """Build an explicit ``GenerationConfig``; greedy unless sampling is switched on."""
+    kwargs = {
+        "max_new_tokens": settings.max_new_tokens,
+        "num_beams": settings.num_beams,
+        "do_sample": settings.do_sample,
+        "repetition_penalty": settings.repetition_penalty,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+    return GenerationConfig(**kwargs)
+
+
+def _pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids in rows)
+    input_ids, mask = [], []
+    for ids in rows:
+        pad = [pad_id] * (width - len(ids))
+        input_ids.append(pad + ids if left else ids + pad)
+        ones, zeros = [1] * len(ids), [0] * len(pad)
+        mask.append(zeros + ones if left else ones + zeros)
+    return {"input_ids": torch.tensor(input_ids), "attention_mask": torch.tensor(mask)}
+
+
+def _new_token_ids(output: torch.Tensor, prompt_width: int, family: str, pad_id: int) -> list[list[int]]:
+    # Causal outputs repeat the prompt first; seq2seq outputs start with the decoder start token.
+    generated = output[:, prompt_width:] if family == "causal" else output[:, 1:]
+    generated = generated.masked_fill(generated == IGNORE_INDEX, pad_id)
+    return generated.tolist()
+
+
+def _count_new_tokens(ids: list[int], eos_id: int | None, pad_id: int) -> int:
+    count = 0
+    for token in ids:
+        if token == eos_id:
+            return count + 1
+        if token == pad_id and eos_id != pad_id:
+            break
+        count += 1
+    return count
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    family: str,
+    settings: GenerationSettings,
+    progress: Callable[[int], None] | None = None,
+) -> list[Generated]:
+    """Generate one text per prompt (token ids) with batches of ``settings.batch_size``."""
+    model.eval()
+    config = generation_config(settings, tokenizer)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    results: list[Generated | None] = [None] * len(prompts)
+    for start in range(0, len(order), settings.batch_size):
+        chunk = order[start : start + settings.batch_size]
+        batch = _pad_batch([list(prompts[i]) for i in chunk], tokenizer.pad_token_id, left=family == "causal")
+        batch = {key: value.to(device) for key, value in batch.items()}
+        output = model.generate(**batch, generation_config=config)
+        new_ids = _new_token_ids(output.cpu(), batch["input_ids"].shape[1], family, tokenizer.pad_token_id)
+        for index, ids in zip(chunk, new_ids):
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            count = _count_new_tokens(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            results[index] = Generated(text, len(prompts[index]), count)
+        if progress is not None:
+            progress(len(chunk))
+    return [item for item in results if item is not None]

@@ -1,0 +1,211 @@
+"""The LoRA fine-tuning recipe: config -> model + adapter -> data -> fit -> save -> evaluate."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
+
+import loratune
+from loratune.config import ConfigError, RunConfig, dump_config
+from loratune.data.formatting import PromptFormat
+from loratune.models.loading import LoadedModel, load_model
+from loratune.models.lora import attach_lora
+from loratune.runs import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    DATA_STATS_FILE,
+    LOG_DIR,
+    TRAIN_LOG_FILE,
+    RunInfo,
+    save_run_info,
+    write_json_atomic,
+    write_text_atomic,
+)
+from loratune.train.data import PreparedData, model_max_length, prepare_training_data
+from loratune.train.trainer import LoraTrainer, MetricsLogCallback, PadCollator
+
+logger = logging.getLogger(__name__)
+
+
+class OutputDirError(RuntimeError):
+    """Raised when the output folder holds another run and overwriting was not allowed."""
+
+
+@dataclass
+class Precision:
+    """How weights are stored and which autocast mode Trainer uses."""
+
+    load_dtype: torch.dtype
+    bf16: bool
+    fp16: bool
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+
+def resolve_precision(config: RunConfig, model_type: str | None = None) -> Precision:
+    """Choose the training precision; reject fp16 for T5-family models and without CUDA."""
+    requested = config.train.precision
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        # On the CPU, fp32 is the default: bf16 autocast was not faster for SmolLM2-135M on the
+        # 2-core AMD EPYC machines where loratune is developed (see docs/benchmarks.md).
+        requested = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "fp16":
+        if model_type in {"t5", "mt5", "umt5"}:
+            raise ConfigError(
+                "train.precision=fp16: T5-family models overflow in fp16 (their activations exceed "
+                "65504) and train to NaN. Use bf16 on GPUs that support it, or fp32."
+            )
+        if not cuda:
+            raise ConfigError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
+    quantized = config.model.quantization != "none"
+    compute = torch.bfloat16 if requested == "bf16" else torch.float16 if requested == "fp16" else torch.float32
+    # Trainable LoRA weights stay in fp32; autocast runs the matmuls in bf16/fp16.
+    load_dtype = compute if quantized else torch.float32
+    return Precision(load_dtype, requested == "bf16", requested == "fp16")
+
+
+def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds another run, unless told to."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if resume:
+        if not (run_dir / CHECKPOINT_DIR).is_dir():
+            raise OutputDirError(f"--resume: {run_dir} has no {CHECKPOINT_DIR}/ folder to resume from")
+        return
+    if overwrite:
+        logger.warning("Overwriting the run in %s", run_dir)
+        shutil.rmtree(run_dir)
+        return
+    raise OutputDirError(
+        f"{run_dir} already holds files from another run. Pass --resume to continue it, "
+        "set train.overwrite_output_dir=true to replace it, or choose another train.output_dir."
+    )
+
+
+def training_arguments(config: RunConfig, run_dir: Path, precision: Precision, has_validation: bool) -> TrainingArguments:
+    train = config.train
+    eval_steps = train.eval_steps if has_validation else None
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINT_DIR),
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup_ratio,
+        lr_scheduler_type=train.lr_scheduler,
+        max_grad_norm=train.max_grad_norm,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        gradient_checkpointing=train.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        length_column_name="length",
+        logging_steps=train.logging_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        seed=train.seed,
+        data_seed=train.seed,
+        dataloader_num_workers=train.dataloader_num_workers,
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+def build_trainer(config: RunConfig, run_dir: Path, loaded: LoadedModel, data: PreparedData, precision: Precision) -> LoraTrainer:
+    args = training_arguments(config, run_dir, precision, data.validation is not None)
+    callbacks = [MetricsLogCallback(run_dir / TRAIN_LOG_FILE)]
+    if "tensorboard" in config.train.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / LOG_DIR))))
+    return LoraTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        data_collator=PadCollator(loaded.tokenizer.pad_token_id),
+        processing_class=loaded.tokenizer,
+        callbacks=callbacks,
+        family=loaded.family,
+    )
+
+
+def train(config: RunConfig, resume: bool = False) -> Path:
+    """Fine-tune with LoRA as ``config`` describes; return the run folder."""
+    run_dir = Path(config.train.output_dir)
+    check_output_dir(run_dir, resume, config.train.overwrite_output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(config.train.seed)
+
+    # The resolved config is saved first, so even a failed run says what it tried.
+    logger.info("Resolved config:\n%s", dump_config(config))
+    write_text_atomic(run_dir / CONFIG_FILE, dump_config(config))
+
+    # Model and tokenizer. The precision check needs the model type, read from the config.
+    precision = resolve_precision(config)
+    loaded = load_model(config.model, dtype=precision.load_dtype)
+    precision = resolve_precision(config, loaded.model.config.model_type)
+    logger.info("Training precision: %s", precision.name)
+    fmt = PromptFormat.for_tokenizer(loaded.family, config.data.prompt, loaded.tokenizer)
+
+    # Data: clean, measure lengths, pick max lengths, tokenize.
+    model_max = model_max_length(loaded.tokenizer, loaded.model.config)
+    data = prepare_training_data(config.data, loaded.tokenizer, fmt, model_max, config.train.eval_steps is not None)
+    write_json_atomic(run_dir / DATA_STATS_FILE, data.stats)
+
+    # Adapter: every base weight is frozen, only the LoRA matrices train.
+    loaded.model = attach_lora(
+        loaded.model,
+        config.lora,
+        loaded.family,
+        quantized=config.model.quantization != "none",
+        gradient_checkpointing=config.train.gradient_checkpointing,
+    )
+    info = RunInfo(
+        base_model=config.model.name_or_path,
+        family=loaded.family,
+        prompt=fmt.to_dict(),
+        max_source_length=data.max_source_length,
+        max_target_length=data.max_target_length,
+        quantization=config.model.quantization,
+        gguf_file=config.model.gguf_file,
+        revision=config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+        loratune_version=loratune.__version__,
+    )
+
+    # Fit, then save the adapter and tokenizer where later commands look for them.
+    trainer = build_trainer(config, run_dir, loaded, data, precision)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    save_adapter(trainer, loaded, run_dir)
+    save_run_info(run_dir, info)
+    logger.info("Saved the adapter to %s", run_dir / ADAPTER_DIR)
+    return run_dir
+
+
+def save_adapter(trainer: LoraTrainer, loaded: LoadedModel, run_dir: Path) -> None:
+    """Write the adapter and tokenizer to ``adapter/`` through a temporary folder."""
+    final = run_dir / ADAPTER_DIR
+    tmp = run_dir / (ADAPTER_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.save_pretrained(str(tmp))
+    loaded.tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)

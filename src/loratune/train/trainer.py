@@ -1,0 +1,102 @@
+"""Trainer pieces: dynamic padding, a memory-lean causal loss and a metrics log."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from loratune.data.formatting import IGNORE_INDEX
+
+
+class PadCollator:
+    """Pad a list of features to the longest sequence in the batch.
+
+    ``input_ids`` are padded with the tokenizer's pad id, ``labels`` with ``IGNORE_INDEX`` and
+    ``attention_mask`` with 0. Padding goes on the right, which is what training expects.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def _width(self, lengths: list[int]) -> int:
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return width
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        inputs = [f["input_ids"] for f in features]
+        labels = [f["labels"] for f in features]
+        width = self._width([len(ids) for ids in inputs])
+        label_width = self._width([len(ids) for ids in labels])
+        batch = {
+            "input_ids": torch.tensor([ids + [self.pad_token_id] * (width - len(ids)) for ids in inputs]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in inputs]),
+            "labels": torch.tensor([ids + [IGNORE_INDEX] * (label_width - len(ids)) for ids in labels]),
+        }
+        return batch
+
+
+class LoraTrainer(Trainer):
+    """``Trainer`` whose causal-LM loss computes logits at response positions only.
+
+    The stock causal loss materialises fp32 logits for every position: batch x sequence x
+    vocabulary (8 x 256 x 49,152 floats is 400 MB for SmolLM2, several times over once the
+    softmax and its gradient are counted). Here the model returns the final hidden states, and
+    the output layer runs only on positions whose next token is a label.
+    """
+
+    def __init__(self, *args, family: str = "causal", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.family = family
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.family != "causal":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        hidden = outputs.hidden_states[-1][:, :-1]  # (B, T-1, H): the state that predicts token t+1
+        targets = labels[:, 1:].to(hidden.device)  # (B, T-1)
+        mask = targets != IGNORE_INDEX
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        logits = head(hidden[mask]).float()  # (N, V) with N = number of label tokens
+        loss = F.cross_entropy(logits, targets[mask], reduction="sum")
+
+        if num_items_in_batch is not None:
+            # Normalised over the whole accumulated batch, so Trainer must not divide again.
+            loss = loss / num_items_in_batch
+            self.loss_is_scaled_for_ga = True
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = loss / mask.sum().clamp(min=1)
+            self.loss_is_scaled_for_ga = False
+        return (loss, outputs) if return_outputs else loss
+
+
+class MetricsLogCallback(TrainerCallback):
+    """Append every logged metric dict to a JSON Lines file, with the step and wall time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "elapsed_s": round(time.time() - self.start, 2)}
+        record.update(logs)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
