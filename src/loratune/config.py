@@ -108,7 +108,7 @@ class TrainConfig(_Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="'auto': bf16 on GPUs that support it, else fp32."
+        "auto", description="'auto': bf16 on GPUs and CPUs with bf16 instructions, else fp32."
     )
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(True, description="Batch examples of similar length together.")

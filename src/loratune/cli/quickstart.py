@@ -22,12 +22,12 @@ QUICKSTART_RECIPE: dict = {
     "model": {"name_or_path": "embedded:smollm2-135m-instruct"},
     "data": {
         "source": HUB_DATASET,
-        "max_train_samples": 800,
+        "max_train_samples": 640,
         "max_test_samples": 100,
         "max_source_length": 384,
         "max_target_length": 64,
     },
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
     "train": {
         "output_dir": "runs/quickstart",
         "epochs": 1,
