@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("config", metavar="CONFIG", help="YAML recipe")
     prepare.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
     _add_common(prepare)
+
+    from loratune.cli.ship import add_ship_commands
+
+    for name, handler in add_ship_commands(commands).items():
+        COMMANDS[name] = handler
     return parser
 
 
