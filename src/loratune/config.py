@@ -112,6 +112,10 @@ class TrainConfig(_Section):
     )
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(True, description="Batch examples of similar length together.")
+    packing: bool = Field(
+        False,
+        description="Causal models only: pack each micro-batch's examples into fewer rows.",
+    )
     logging_steps: int = Field(10, gt=0)
     save_steps: int = Field(200, gt=0, description="Optimizer steps between checkpoints.")
     save_total_limit: int | None = Field(2, gt=0)
@@ -160,6 +164,10 @@ class RunConfig(_Section):
             problems.append(f"data.prompt: must contain '{{text}}', got {self.data.prompt!r}")
         if self.generation.do_sample and self.generation.num_beams > 1:
             problems.append("generation: do_sample=true with num_beams>1 is not supported")
+        if self.train.packing and self.model.family == "seq2seq":
+            problems.append(
+                "train.packing: packing is for causal models only; set it to false for seq2seq"
+            )
         if self.model.quantization != "none" and self.train.precision == "fp32":
             problems.append("train.precision: fp32 with a quantized base; use 'auto' or 'bf16'")
         if problems:

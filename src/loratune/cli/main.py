@@ -176,7 +176,14 @@ COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "evaluate": cmd_ev
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may also follow the options; argparse leaves those in ``extra``.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     setup_logging(args.debug)
     from loratune.models.loading import ModelLoadError
     from loratune.train.recipe import OutputDirError

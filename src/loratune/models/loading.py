@@ -183,8 +183,8 @@ def quantization_config(kind: str, compute_dtype: torch.dtype):
     )
 
 
-def load_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load the base model named by ``config`` with its tokenizer."""
+def read_model_config(config: ModelConfig) -> tuple[str, PretrainedConfig]:
+    """Return the resolved model path and its transformers config, without loading weights."""
     path = resolve_model_path(config)
     try:
         hf_config = AutoConfig.from_pretrained(
@@ -192,6 +192,12 @@ def load_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> Loade
         )
     except (OSError, ValueError) as error:
         raise _hub_error(config.name_or_path, error) from None
+    return path, hf_config
+
+
+def load_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load the base model named by ``config`` with its tokenizer."""
+    path, hf_config = read_model_config(config)
     family = detect_family(hf_config) if config.family == "auto" else config.family
     tokenizer = load_tokenizer(path, config)
 

@@ -14,7 +14,7 @@ from transformers.integrations import TensorBoardCallback
 import loratune
 from loratune.config import ConfigError, RunConfig, dump_config
 from loratune.data.formatting import PromptFormat
-from loratune.models.loading import LoadedModel, load_model
+from loratune.models.loading import LoadedModel, load_model, read_model_config
 from loratune.models.lora import attach_lora
 from loratune.runs import (
     ADAPTER_DIR,
@@ -29,6 +29,7 @@ from loratune.runs import (
     write_text_atomic,
 )
 from loratune.train.data import PreparedData, model_max_length, prepare_training_data
+from loratune.train.packing import PackingCollator
 from loratune.train.trainer import LoraTrainer, MetricsLogCallback, PadCollator
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: Precision, h
 
 def build_trainer(config: RunConfig, run_dir: Path, loaded: LoadedModel, data: PreparedData, precision: Precision) -> LoraTrainer:
     args = training_arguments(config, run_dir, precision, data.validation is not None)
+    pad_id = loaded.tokenizer.pad_token_id
     callbacks = [MetricsLogCallback(run_dir / TRAIN_LOG_FILE)]
     if "tensorboard" in config.train.report_to:
         from torch.utils.tensorboard import SummaryWriter
@@ -152,7 +154,7 @@ def build_trainer(config: RunConfig, run_dir: Path, loaded: LoadedModel, data: P
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=PadCollator(loaded.tokenizer.pad_token_id),
+        data_collator=PackingCollator(pad_id) if config.train.packing else PadCollator(pad_id),
         processing_class=loaded.tokenizer,
         callbacks=callbacks,
         family=loaded.family,
@@ -170,10 +172,15 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     logger.info("Resolved config:\n%s", dump_config(config))
     write_text_atomic(run_dir / CONFIG_FILE, dump_config(config))
 
-    # Model and tokenizer. The precision check needs the model type, read from the config.
-    precision = resolve_precision(config)
+    # Model and tokenizer. The precision check needs the model type, read before the weights.
+    _, hf_config = read_model_config(config.model)
+    precision = resolve_precision(config, hf_config.model_type)
     loaded = load_model(config.model, dtype=precision.load_dtype)
-    precision = resolve_precision(config, loaded.model.config.model_type)
+    if config.train.packing and loaded.family != "causal":
+        raise ConfigError(
+            f"train.packing=true: {config.model.name_or_path} is a {loaded.family} model and "
+            "packing is for causal models only; set train.packing=false"
+        )
     logger.info("Training precision: %s", precision.name)
     fmt = PromptFormat.for_tokenizer(loaded.family, config.data.prompt, loaded.tokenizer)
 

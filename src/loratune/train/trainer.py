@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from loratune.data.formatting import IGNORE_INDEX
+from loratune.train.packing import ShuffledLengthGroupedSampler
 
 
 class PadCollator:
@@ -56,13 +58,27 @@ class LoraTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.family = family
 
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            # transformers yields each group's batches longest first; shuffle the batch order.
+            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, generator=sampler.generator)
+        return sampler
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.family != "causal":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
+        if "position_ids" in inputs:
+            # Packed rows (train/packing.py): with no attention_mask and no cache, transformers
+            # builds the per-example block-diagonal causal mask from the restarting position ids.
+            attention = {"position_ids": inputs["position_ids"]}
+        else:
+            attention = {"attention_mask": inputs["attention_mask"]}
         outputs = model(
             input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
+            **attention,
+            use_cache=False,
             output_hidden_states=True,
             logits_to_keep=1,
         )
