@@ -139,7 +139,7 @@ class GenerationSettings(_Section):
 
 
 class EvalConfig(_Section):
-    """Which split to score after training."""
+    """Evaluation run after training: the split, a row limit and the base-model comparison."""
 
     split: str = "test"
     max_samples: int | None = Field(None, gt=0)

@@ -70,7 +70,7 @@ def test_run_folder_describes_itself(tiny_llama_dir, tmp_path):
 
 def test_second_run_into_same_folder_is_refused(tiny_llama_dir, tmp_path):
     train(tiny_config(tiny_llama_dir, tmp_path / "run", max_steps=1))
-    with pytest.raises(OutputDirError, match="already holds files from another run"):
+    with pytest.raises(OutputDirError, match="already contains files from another run"):
         train(tiny_config(tiny_llama_dir, tmp_path / "run", max_steps=1))
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from loratune import __version__
@@ -90,6 +91,9 @@ def setup_logging(debug: bool) -> None:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # peft 0.21 reads a transformers attribute that transformers 5 deprecated; the warning
+    # repeats on every model load and needs no action from the user.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     import transformers
 
     transformers.logging.set_verbosity_info() if debug else transformers.logging.set_verbosity_error()

@@ -1,8 +1,8 @@
 """The quickstart: fine-tune the embedded SmolLM2-135M-Instruct on dialogue summaries.
 
 It trains on the CPU in about a quarter of an hour on 2 cores and prints ROUGE for the base
-model and the tuned model on the same test dialogues. ``configs/smollm2-samsum.yaml`` holds
-the same recipe as a file.
+model and the tuned model on the same test dialogues. ``configs/smollm2-samsum.yaml``
+contains the same recipe as a file.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ QUICKSTART_RECIPE: dict = {
 
 
 def hub_reachable(dataset_id: str, timeout: float = 5.0) -> bool:
-    """Return True when the Hub answers for ``dataset_id`` within ``timeout`` seconds."""
+    """Return True when the Hub returns metadata for ``dataset_id`` within ``timeout`` seconds."""
     from huggingface_hub import HfApi
     from huggingface_hub.utils import HfHubHTTPError
 
@@ -84,4 +84,6 @@ def quickstart_config(data: str | None, output_dir: str | None, overrides: list[
 
 
 def describe_source(source: str) -> str:
-    return "the shipped demo set" if source == DEMO_SOURCE else str(Path(source)) if Path(source).exists() else source
+    if source == DEMO_SOURCE:
+        return "the shipped demo set"
+    return str(Path(source)) if Path(source).exists() else source

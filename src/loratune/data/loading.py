@@ -44,7 +44,7 @@ class Example:
 
 @dataclass
 class SplitReport:
-    """What cleaning did to one split."""
+    """Row counts of one split before and after cleaning, with the reasons for each drop."""
 
     split: str
     source: str

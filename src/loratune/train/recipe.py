@@ -36,12 +36,12 @@ logger = logging.getLogger(__name__)
 
 
 class OutputDirError(RuntimeError):
-    """Raised when the output folder holds another run and overwriting was not allowed."""
+    """Raised when the output folder contains another run and overwriting is off."""
 
 
 @dataclass
 class Precision:
-    """How weights are stored and which autocast mode Trainer uses."""
+    """Training precision: the dtype weights load in and the autocast mode Trainer uses."""
 
     load_dtype: torch.dtype
     bf16: bool
@@ -49,7 +49,9 @@ class Precision:
 
     @property
     def name(self) -> str:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+        if self.bf16:
+            return "bf16"
+        return "fp16" if self.fp16 else "fp32"
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -81,14 +83,15 @@ def resolve_precision(config: RunConfig, model_type: str | None = None) -> Preci
         if not cuda:
             raise ConfigError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
     quantized = config.model.quantization != "none"
-    compute = torch.bfloat16 if requested == "bf16" else torch.float16 if requested == "fp16" else torch.float32
+    compute_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    compute = compute_dtypes[requested]
     # Trainable LoRA weights stay in fp32; autocast runs the matmuls in bf16/fp16.
     load_dtype = compute if quantized else torch.float32
     return Precision(load_dtype, requested == "bf16", requested == "fp16")
 
 
 def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to train into a folder that holds another run, unless told to."""
+    """Raise ``OutputDirError`` when the folder contains another run, unless resuming or overwriting."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
     if resume:
@@ -100,7 +103,7 @@ def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(run_dir)
         return
     raise OutputDirError(
-        f"{run_dir} already holds files from another run. Pass --resume to continue it, "
+        f"{run_dir} already contains files from another run. Pass --resume to continue it, "
         "set train.overwrite_output_dir=true to replace it, or choose another train.output_dir."
     )
 
@@ -123,7 +126,7 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: Precision, h
         bf16=precision.bf16,
         use_cpu=not torch.cuda.is_available(),
         fp16=precision.fp16,
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         length_column_name="length",
         logging_steps=train.logging_steps,
@@ -168,7 +171,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.train.seed)
 
-    # The resolved config is saved first, so even a failed run says what it tried.
+    # The resolved config is saved first, so even a failed run records what it tried.
     logger.info("Resolved config:\n%s", dump_config(config))
     write_text_atomic(run_dir / CONFIG_FILE, dump_config(config))
 
