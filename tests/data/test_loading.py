@@ -119,3 +119,34 @@ def test_real_samsum_quirks(real_samsum_dir):
     assert report.dropped["empty input"] == 1
     assert all("\r" not in ex.text for ex in examples)
     assert all(ex.target == ex.target.strip() for ex in examples)
+
+
+def test_hub_dataset_is_loaded_through_datasets(monkeypatch):
+    import datasets
+
+    rows = [{"id": "h1", "dialogue": "Hub: hi", "summary": "Hub says hi."}]
+    calls = []
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda source: ["train", "test"])
+
+    def fake_load(source, split):
+        calls.append((source, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    examples, report = load_split(DataConfig(source="someone/dialogues"), "test")
+    assert calls == [("someone/dialogues", "test")]
+    assert examples[0].id == "h1"
+    assert report.source == "someone/dialogues (Hub)"
+    with pytest.raises(DataError, match=r"split 'validation' not found; available splits: \['train', 'test'\]"):
+        load_split(DataConfig(source="someone/dialogues"), "validation")
+
+
+def test_unreachable_hub_dataset_explains_fix(monkeypatch):
+    import datasets
+
+    def offline(source):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", offline)
+    with pytest.raises(DataError, match="could not be loaded \\(ConnectionError\\).*--data DIR"):
+        load_split(DataConfig(source="someone/dialogues"), "train")
