@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -29,6 +29,7 @@ class ModelConfig(_Section):
 
     name_or_path: str = Field(
         EMBEDDED_MODEL,
+        min_length=1,
         description="Hub model id, local folder, .gguf file, or 'embedded:smollm2-135m-instruct'.",
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path.")
@@ -49,6 +50,7 @@ class DataConfig(_Section):
 
     source: str = Field(
         "knkarthick/samsum",
+        min_length=1,
         description="Hub dataset id, a folder of split files, a single file, or 'demo'.",
     )
     train_split: str = "train"
@@ -77,6 +79,11 @@ class DataConfig(_Section):
     source_length_percentile: float = Field(95.0, gt=0, le=100)
     target_length_percentile: float = Field(95.0, gt=0, le=100)
     seed: int = 42
+    skip_bad_rows: bool = Field(
+        False,
+        description="Skip malformed JSON lines and rows whose columns have the wrong type, "
+        "with a count, instead of stopping at the first one.",
+    )
 
 
 class LoraSettings(_Section):
@@ -100,6 +107,7 @@ class TrainConfig(_Section):
     output_dir: str = "runs/loratune"
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="Optimizer steps; -1 trains for 'epochs'.")
+
     learning_rate: float = Field(3e-4, gt=0)
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch per device.")
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -124,6 +132,13 @@ class TrainConfig(_Section):
     dataloader_num_workers: int = Field(0, ge=0)
     overwrite_output_dir: bool = Field(False, description="Allow training into a used folder.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+
+    @field_validator("max_steps")
+    @classmethod
+    def _check_max_steps(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be a positive number of steps, or -1 to train for train.epochs")
+        return value
 
 
 class GenerationSettings(_Section):
@@ -170,22 +185,38 @@ class RunConfig(_Section):
             )
         if self.model.quantization != "none" and self.train.precision == "fp32":
             problems.append("train.precision: fp32 with a quantized base; use 'auto' or 'bf16'")
+        if self.train.eval_steps is not None and self.data.validation_split is None:
+            problems.append(
+                "train.eval_steps: set, but data.validation_split is null, so there is nothing to "
+                "evaluate; set data.validation_split or remove train.eval_steps"
+            )
+        if isinstance(self.lora.target_modules, list) and not self.lora.target_modules:
+            problems.append("lora.target_modules: the list is empty; name at least one module, or use 'auto'")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _format_errors(error: ValidationError, source: str, overrides: list[str] | None = None) -> str:
+    """Describe every validation problem: on one line when there is one, else one per line."""
+    origins = {".".join(parse_override(text)[0]): text for text in overrides or []}
+    problems = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (value {item['input']!r}); check the spelling")
-        elif item["type"] == "value_error":
-            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+            problem = f"{key}: unknown key (value {item['input']!r}); check the spelling"
+        elif item["type"] == "value_error" and not item["loc"]:
+            problem = item["msg"].removeprefix("Value error, ")  # cross-field checks name their keys
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item['input']!r})")
-    return "\n".join(lines)
+            message = item["msg"].removeprefix("Value error, ")
+            problem = f"{key}: {message} (got {item['input']!r})"
+        if key in origins:
+            problem += f" (from the override {origins[key]})"
+        problems.append(problem)
+    if len(problems) == 1:
+        return f"invalid configuration in {source}: {problems[0]}"
+    lines = [f"invalid configuration in {source}, {len(problems)} problems:"]
+    return "\n".join(lines + [f"  {problem}" for problem in problems])
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -223,14 +254,20 @@ def _deep_copy(data: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def build_config(data: dict, source: str = "configuration") -> RunConfig:
-    """Validate a mapping into a ``RunConfig``; raise ``ConfigError`` listing every problem."""
+def build_config(data: dict, source: str = "configuration", overrides: list[str] | None = None) -> RunConfig:
+    """Validate a mapping into a ``RunConfig``; raise ``ConfigError`` listing every problem.
+
+    ``overrides`` are the ``key=value`` texts applied to ``data``; a problem with one of those
+    keys names the override it came from.
+    """
     if not isinstance(data, dict):
-        raise ConfigError(f"invalid configuration in {source}: expected a mapping of sections")
+        raise ConfigError(
+            f"invalid configuration in {source}: expected a mapping of sections, got {type(data).__name__}"
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_errors(error, source)) from None
+        raise ConfigError(_format_errors(error, source, overrides)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -243,13 +280,26 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ConfigError(f"invalid YAML in {path}: {error}") from None
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"invalid YAML in {path}: not valid UTF-8 text (byte {error.start})") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"invalid YAML in {path}: {_describe_yaml_error(error)}") from None
+        data = {} if data is None else data
     if overrides:
         data = apply_overrides(data, overrides) if isinstance(data, dict) else data
-        source += " with overrides " + " ".join(overrides)
-    return build_config(data, source)
+        if path is None:
+            source = "overrides"
+    return build_config(data, source, overrides)
+
+
+def _describe_yaml_error(error: yaml.YAMLError) -> str:
+    """Return a one-line description of a YAML error with its line and column."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def dump_config(config: RunConfig) -> str:

@@ -190,18 +190,43 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     setup_logging(args.debug)
     from loratune.models.loading import ModelLoadError
+    from loratune.train.callbacks import NonFiniteLossError, TrainingInterrupted
+    from loratune.train.checkpoints import CheckpointError
     from loratune.train.recipe import OutputDirError
 
+    # Expected failures print one line (the full traceback with --debug). Exit status: 2 for
+    # invalid input, 1 for a failed run, 130 for Ctrl-C.
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, ModelLoadError, OutputDirError, FileNotFoundError) as error:
-        if args.debug:
-            raise
-        print(f"loratune {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return _report_error(args, f"error: {error}", 2)
+    except (CheckpointError, NonFiniteLossError) as error:
+        return _report_error(args, f"error: {error}", 1)
+    except OSError as error:  # e.g. a full disk or a read-only output folder
+        where = f": {error.filename}" if error.filename else ""
+        return _report_error(args, f"error: {error.strerror or error}{where}", 1)
+    except TrainingInterrupted as error:
+        return _report_error(args, str(error), 130)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"loratune {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _report_error(args: argparse.Namespace, message: str, status: int) -> int:
+    if args.debug:
+        raise
+    _close_progress_bars()
+    print(f"loratune {args.command}: {message}", file=sys.stderr)
+    return status
+
+
+def _close_progress_bars() -> None:
+    """Close tqdm bars left open by an exception, so the message starts on its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DEMO_SOURCE = "demo"
 DEMO_DIR = Path(__file__).parent / "demo"
+SKIP_HINT = "set data.skip_bad_rows=true to skip such rows with a count"
 
 
 class DataError(ValueError):
@@ -73,20 +74,46 @@ def clean_text(value: str) -> str:
     return value.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, bad_lines: list[int] | None = None) -> list[dict]:
+    """Read one JSON object per line.
+
+    A malformed line (invalid UTF-8 or JSON, or not an object) raises ``DataError`` naming its
+    number, unless ``bad_lines`` is a list: then the line is skipped and its number appended.
+    """
     rows = []
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {number}: invalid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    try:
+        handle = path.open("rb")  # decoded line by line, so that an encoding error has a line number
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror})") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            row, problem = _parse_json_line(raw)
+            if row is not None:
+                rows.append(row)
+            elif problem is None:
+                continue  # blank line
+            elif bad_lines is None:
+                raise DataError(f"{path}: line {number}: {problem}; {SKIP_HINT}")
+            else:
+                bad_lines.append(number)
     return rows
+
+
+def _parse_json_line(raw: bytes) -> tuple[dict | None, str | None]:
+    """Return (row, None) for a JSON object, (None, problem) for a bad line, (None, None) if blank."""
+    try:
+        line = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        return None, f"not valid UTF-8 text (byte {error.start} of the line)"
+    if not line.strip():
+        return None, None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, f"invalid JSON ({error.msg})"
+    if not isinstance(row, dict):
+        return None, f"expected a JSON object, got {type(row).__name__}"
+    return row, None
 
 
 def _open_text(path: Path):
@@ -139,13 +166,19 @@ def read_parquet(path: Path) -> list[dict]:
 _READERS = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Read a local JSON, JSONL, CSV or Parquet file into a list of dicts."""
+def read_rows(path: Path, bad_lines: list[int] | None = None) -> list[dict]:
+    """Read a local JSON, JSONL, CSV or Parquet file into a list of dicts.
+
+    With ``bad_lines`` given, malformed lines of a JSON Lines file are skipped and their numbers
+    are appended to it (see ``read_jsonl``). Other formats still fail as a whole.
+    """
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
+    if reader is read_jsonl:
+        return read_jsonl(path, bad_lines)
     return reader(path)
 
 
@@ -168,7 +201,9 @@ def _references(value: Any, key: str, where: str) -> list[str]:
         return list(value)
     if value is None:
         return []
-    raise DataError(f"{where}: column {key!r} must be text or a list of texts, got {type(value).__name__}")
+    raise DataError(
+        f"{where}: column {key!r} must be text or a list of texts, got {type(value).__name__}; {SKIP_HINT}"
+    )
 
 
 def to_examples(rows: list[dict], config: DataConfig, report: SplitReport) -> list[Example]:
@@ -179,10 +214,19 @@ def to_examples(rows: list[dict], config: DataConfig, report: SplitReport) -> li
     examples = []
     for index, row in enumerate(rows):
         where = f"{report.source}: row {index + 1}"
-        text = row.get(config.text_column)
-        if text is not None and not isinstance(text, str):
-            raise DataError(f"{where}: column {config.text_column!r} must be text, got {type(text).__name__}")
-        references = [clean_text(r) for r in _references(row.get(config.summary_column), config.summary_column, where)]
+        try:
+            text = row.get(config.text_column)
+            if text is not None and not isinstance(text, str):
+                raise DataError(
+                    f"{where}: column {config.text_column!r} must be text, got {type(text).__name__}; {SKIP_HINT}"
+                )
+            raw_references = _references(row.get(config.summary_column), config.summary_column, where)
+        except DataError:
+            if not config.skip_bad_rows:
+                raise
+            report.dropped["wrong column type"] += 1
+            continue
+        references = [clean_text(r) for r in raw_references]
         references = [r for r in references if r]
         text = clean_text(text or "")
         if not text:
@@ -215,8 +259,8 @@ def _rows_from_hub(source: str, split: str) -> list[dict]:
     except Exception as error:  # datasets wraps network and lookup failures in many types
         raise DataError(
             f"data source {source!r} is not a local file or folder, and the Hub dataset could "
-            f"not be loaded ({type(error).__name__}). Point data.source at a folder of "
-            "train/validation/test files, or use --data DIR."
+            f"not be loaded ({type(error).__name__}). Point data.source at a local file or a folder "
+            "of train/validation/test files (--data DIR for quickstart and evaluate)."
         ) from None
     if split not in available:
         raise DataError(f"{source}: split {split!r} not found; available splits: {available}")
@@ -227,18 +271,25 @@ def load_split(config: DataConfig, split: str, limit: int | None = None) -> tupl
     """Load, clean and truncate one split of the configured source."""
     source = str(DEMO_DIR) if config.source == DEMO_SOURCE else config.source
     path = Path(source).expanduser()
+    bad_lines: list[int] | None = [] if config.skip_bad_rows else None
     if path.is_dir():
         files = split_files(path)
         if split not in files:
             raise DataError(f"{path}: split {split!r} not found; available splits: {sorted(files)}")
-        rows, origin = read_rows(files[split]), str(files[split])
+        rows, origin = read_rows(files[split], bad_lines), str(files[split])
     elif path.suffix.lower() in FILE_SUFFIXES or path.exists():
         # A single file serves every split that is asked for.
-        rows, origin = read_rows(path), str(path)
+        rows, origin = read_rows(path, bad_lines), str(path)
     else:
         rows, origin = _rows_from_hub(source, split), f"{source} (Hub)"
     report = SplitReport(split, origin)
     examples = to_examples(rows, config, report)
+    if bad_lines:
+        report.rows_read += len(bad_lines)
+        report.dropped["malformed JSON line"] += len(bad_lines)
+        shown = ", ".join(str(number) for number in bad_lines[:10])
+        more = f" and {len(bad_lines) - 10} more" if len(bad_lines) > 10 else ""
+        logger.warning("%s: skipped %d malformed lines (line %s%s)", origin, len(bad_lines), shown, more)
     if limit is not None:
         examples = examples[:limit]
         report.rows_kept = len(examples)

@@ -73,6 +73,31 @@ def _count_new_tokens(ids: list[int], eos_id: int | None, pad_id: int) -> int:
     return count
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Return True for a CUDA out-of-memory error or a failed CPU allocation."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def _generate_chunk(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[list[int]],
+    family: str,
+    config: GenerationConfig,
+    device: torch.device,
+) -> list[Generated]:
+    batch = _pad_batch(rows, tokenizer.pad_token_id, left=family == "causal")
+    batch = {key: value.to(device) for key, value in batch.items()}
+    output = model.generate(**batch, generation_config=config)
+    new_ids = _new_token_ids(output.cpu(), batch["input_ids"].shape[1], family, tokenizer.pad_token_id)
+    results = []
+    for prompt, ids in zip(rows, new_ids):
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        count = _count_new_tokens(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        results.append(Generated(text, len(prompt), count))
+    return results
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -82,22 +107,36 @@ def generate(
     settings: GenerationSettings,
     progress: Callable[[int], None] | None = None,
 ) -> list[Generated]:
-    """Generate one text per prompt (token ids) with batches of ``settings.batch_size``."""
+    """Generate one text per prompt (token ids) with batches of ``settings.batch_size``.
+
+    When a batch runs out of memory, the batch size is halved for it and every later batch,
+    down to 1. Prompts are taken longest first, so that happens on the first batch if at all.
+    """
     model.eval()
     config = generation_config(settings, tokenizer)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[Generated | None] = [None] * len(prompts)
-    for start in range(0, len(order), settings.batch_size):
-        chunk = order[start : start + settings.batch_size]
-        batch = _pad_batch([list(prompts[i]) for i in chunk], tokenizer.pad_token_id, left=family == "causal")
-        batch = {key: value.to(device) for key, value in batch.items()}
-        output = model.generate(**batch, generation_config=config)
-        new_ids = _new_token_ids(output.cpu(), batch["input_ids"].shape[1], family, tokenizer.pad_token_id)
-        for index, ids in zip(chunk, new_ids):
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            count = _count_new_tokens(ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            results[index] = Generated(text, len(prompts[index]), count)
+    batch_size = settings.batch_size
+    start = 0
+    while start < len(order):
+        chunk = order[start : start + batch_size]
+        try:
+            outputs = _generate_chunk(model, tokenizer, [list(prompts[i]) for i in chunk], family, config, device)
+        except RuntimeError as error:
+            if batch_size == 1 or not is_out_of_memory(error):
+                raise
+            batch_size = max(1, batch_size // 2)
+            logger.warning(
+                "Out of memory generating %d examples at once; retrying with batch size %d (%s)",
+                len(chunk), batch_size, str(error).splitlines()[0] if str(error) else type(error).__name__,
+            )
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        for index, item in zip(chunk, outputs):
+            results[index] = item
+        start += len(chunk)
         if progress is not None:
             progress(len(chunk))
     return [item for item in results if item is not None]

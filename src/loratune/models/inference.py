@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from loratune.config import DataConfig, ModelConfig
 from loratune.data.formatting import PromptFormat
 from loratune.models.loading import load_model, load_tokenizer
-from loratune.runs import ADAPTER_DIR, RunInfo, is_run_dir, load_run_info
+from loratune.runs import ADAPTER_DIR, INFO_FILE, RunInfo, is_run_dir, load_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,39 @@ def model_config_from_run(info: RunInfo) -> ModelConfig:
     )
 
 
+# Key in loratune.json of a folder written by ``loratune merge``; its value records the merge.
+MERGED_KEY = "merged"
+
+
+def read_merge_record(folder: Path) -> dict | None:
+    """Return the merge record of a merged model folder, or None for any other folder."""
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8")).get(MERGED_KEY)
+    return record if isinstance(record, dict) else None
+
+
+def load_merged_for_inference(folder: Path, dtype: torch.dtype = torch.float32) -> InferenceModel:
+    """Load a merged folder as a plain model that keeps the prompt format of its run."""
+    folder = Path(folder)
+    info = load_run_info(folder)
+    config = ModelConfig(name_or_path=str(folder), family=info.family, trust_remote_code=info.trust_remote_code)
+    loaded = load_model(config, dtype=dtype)
+    loaded.model.eval()
+    fmt = PromptFormat(**info.prompt)
+    return InferenceModel(loaded.model, loaded.tokenizer, info.family, fmt, info.max_source_length, str(folder), None)
+
+
 def load_run_for_inference(run_dir: Path, dtype: torch.dtype = torch.float32) -> InferenceModel:
-    """Load a run's base model in full precision with its adapter on top."""
+    """Load a run's base model in full precision with its adapter on top.
+
+    A folder written by ``loratune merge`` is loaded as it is, since the adapter is already
+    part of its weights.
+    """
     run_dir = Path(run_dir)
+    if read_merge_record(run_dir) is not None:
+        return load_merged_for_inference(run_dir, dtype)
     info = load_run_info(run_dir)
     adapter_dir = run_dir / ADAPTER_DIR
     if not (adapter_dir / "adapter_config.json").is_file():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -122,10 +123,34 @@ def resolve_model_path(config: ModelConfig) -> str:
                 f"{path} is not a model folder: it has no config.json. Point model.name_or_path "
                 "at a folder written by save_pretrained, a .gguf file, or a Hub id."
             )
+        check_weight_files(path)
         return str(path)
     if name.startswith((".", "/", "~")):
         raise ModelLoadError(f"model folder not found: {name}")
     return name
+
+
+def check_weight_files(folder: Path) -> None:
+    """Raise when a model folder has no weights; warn when its only weights are pickle files.
+
+    A ``.bin`` file is a pickle, and unpickling can run code. transformers 5 loads it with
+    ``torch.load(weights_only=True)``, which refuses code objects, but safetensors files need
+    no unpickling at all and are used whenever they exist.
+    """
+    names = [path.name for path in Path(folder).iterdir() if path.is_file()]
+    if any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names):
+        return
+    pickles = sorted(name for name in names if name.endswith((".bin", ".bin.index.json")) and name != "training_args.bin")
+    if not pickles:
+        raise ModelLoadError(
+            f"{folder} has a config.json but no weights (model.safetensors or pytorch_model.bin); "
+            "copy the complete folder written by save_pretrained"
+        )
+    logger.warning(
+        "%s has only pickle weights (%s); loading them unpickles the file. Load only files you "
+        "trust, or convert them once with save_pretrained, which writes safetensors.",
+        folder, ", ".join(pickles),
+    )
 
 
 def detect_family(config: PretrainedConfig) -> str:
@@ -133,15 +158,24 @@ def detect_family(config: PretrainedConfig) -> str:
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
-def _hub_error(reference: str, error: Exception) -> ModelLoadError:
-    text = str(error)
-    if "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
+def _hub_error(reference: str, error: Exception, what: str = "model") -> ModelLoadError:
+    """Turn a transformers loading error into a one-line ``ModelLoadError``."""
+    text = str(error).strip()
+    first_line = text.splitlines()[0].strip() if text else type(error).__name__
+    if "contains custom code" in text:
+        return ModelLoadError(
+            f"model {reference!r} ships Python code (auto_map in its config.json), which loratune "
+            "does not run by default. Read that code, and set model.trust_remote_code=true only "
+            "if you trust it."
+        )
+    network_words = ("offline", "connect", "resolve")
+    if not Path(reference).exists() and any(word in text.lower() for word in network_words):
         return ModelLoadError(
             f"model {reference!r} is not a local folder and the Hugging Face Hub could not be "
             "reached. Download it on a connected machine and set model.name_or_path to that "
-            f"folder. ({type(error).__name__}: {text.splitlines()[0] if text else ''})"
+            f"folder. ({type(error).__name__}: {first_line})"
         )
-    return ModelLoadError(f"failed to load model {reference!r}: {type(error).__name__}: {text}")
+    return ModelLoadError(f"failed to load the {what} from {reference!r}: {type(error).__name__}: {first_line}")
 
 
 def load_tokenizer(path: str, config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -151,7 +185,7 @@ def load_tokenizer(path: str, config: ModelConfig) -> PreTrainedTokenizerBase:
             path, revision=config.revision, trust_remote_code=config.trust_remote_code
         )
     except (OSError, ValueError) as error:
-        raise _hub_error(config.name_or_path, error) from None
+        raise _hub_error(config.name_or_path, error, "tokenizer") from None
     if tokenizer.pad_token is None:
         # Causal tokenizers often lack a pad token; padded positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -218,3 +252,53 @@ def load_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> Loade
         model.config.pad_token_id = tokenizer.pad_token_id
     logger.info("Loaded %s model %s from %s", family, config.name_or_path, path)
     return LoadedModel(model, tokenizer, family, config.name_or_path, path)
+
+
+def check_adapter_matches_base(adapter_dir: Path, model: torch.nn.Module, base: str) -> None:
+    """Raise ``ModelLoadError`` when the LoRA weights in ``adapter_dir`` do not fit ``model``.
+
+    ``model`` is the base model, with or without a PEFT wrapper. Each ``lora_A`` weight must
+    match its layer's input size and each ``lora_B`` weight its output size. PEFT itself fails
+    on such a mismatch with a long state-dict traceback. A different base model whose layer
+    shapes agree passes this check.
+    """
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    root = model.base_model.model if isinstance(model, PeftModel) else model
+    modules = dict(root.named_modules())
+    trained_on = _adapter_base_name(Path(adapter_dir))
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            problem = _lora_shape_problem(key, handle.get_slice(key).get_shape(), modules)
+            if problem:
+                raise ModelLoadError(
+                    f"the adapter in {adapter_dir} does not fit the base model {base!r}: {problem}. "
+                    f"It was trained on {trained_on!r}; use that base model."
+                )
+
+
+def _adapter_base_name(adapter_dir: Path) -> str:
+    try:
+        data = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "an unknown base model"
+    return data.get("base_model_name_or_path") or "an unknown base model"
+
+
+def _lora_shape_problem(key: str, shape: list[int], modules: dict) -> str | None:
+    """Compare one saved LoRA weight with the layer it adapts; return the mismatch, if any."""
+    for part, dimension, size_name in ((".lora_A.", 1, "in_features"), (".lora_B.", 0, "out_features")):
+        if part not in key:
+            continue
+        layer = key.split(part)[0].removeprefix("base_model.model.")
+        module = modules.get(layer)
+        if module is None:
+            return f"layer {layer} does not exist in the base model"
+        expected = getattr(module, size_name, None)
+        if expected is not None and shape[dimension] != expected:
+            return f"layer {layer} has {size_name}={expected}, the adapter expects {shape[dimension]}"
+    return None

@@ -1,6 +1,6 @@
 """How training examples are put into batches: length-grouped sampling and sequence packing.
 
-Length grouping sorts examples by length inside large random groups (transformers'
+Length grouping sorts examples by length inside random groups of 50 batches (transformers'
 ``get_length_grouped_indices``) and then shuffles the order of the resulting batches, so each
 batch pads little and the step order carries no long-to-short pattern.
 
@@ -24,21 +24,34 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from loratune.data.formatting import IGNORE_INDEX
 
 
+GROUP_BATCHES = 50
+
+
 class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     """Length-grouped sampler whose batches come in random order.
 
-    transformers' ``LengthGroupedSampler`` sorts each group of about 50 batches from longest to
-    shortest and yields them in that order. This sampler keeps the batches (each index still
-    appears exactly once per epoch) and the longest batch first, so an out-of-memory error
-    shows on the first step, and shuffles the order of every other batch.
+    transformers' ``LengthGroupedSampler`` sorts each random group of up to 50 batches from
+    longest to shortest and yields the batches in that order. It also shrinks the groups so
+    that there are at least 4 of them, which leaves small data sets nearly unsorted (80
+    examples at batch 8 form groups of 2 batches). This sampler always uses groups of 50
+    batches, because it shuffles the batch order itself: a data set under 50 batches is
+    sorted as a whole, its batches then differ little between epochs but come in a new
+    order each epoch (the length bucketing that fairseq uses). Each index appears exactly
+    once per epoch, the batch with the longest example comes first, so an out-of-memory
+    error shows on the first step, and a partial batch comes last.
     """
 
     def __iter__(self):
-        indices = get_length_grouped_indices(self.lengths, self.batch_size, generator=self.generator)
+        indices = get_length_grouped_indices(
+            self.lengths, self.batch_size, mega_batch_mult=GROUP_BATCHES, generator=self.generator
+        )
         batches = [indices[start : start + self.batch_size] for start in range(0, len(indices), self.batch_size)]
-        if len(batches) > 2:
-            order = torch.randperm(len(batches) - 1, generator=self.generator).tolist()
-            batches = batches[:1] + [batches[1 + position] for position in order]
+        # The DataLoader cuts this flat stream into batches again, so a partial batch must stay
+        # last: anywhere else it would shift every later batch boundary and mix lengths.
+        last = len(batches) if len(batches[-1]) == self.batch_size else len(batches) - 1
+        if last > 2:
+            order = torch.randperm(last - 1, generator=self.generator).tolist()
+            batches = batches[:1] + [batches[1 + position] for position in order] + batches[last:]
         return iter([index for batch in batches for index in batch])
 
 

@@ -14,19 +14,29 @@ from transformers.integrations import TensorBoardCallback
 import loratune
 from loratune.config import ConfigError, RunConfig, dump_config
 from loratune.data.formatting import PromptFormat
-from loratune.models.loading import LoadedModel, load_model, read_model_config
+from loratune.models.loading import LoadedModel, check_adapter_matches_base, load_model, read_model_config
 from loratune.models.lora import attach_lora
 from loratune.runs import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
     CONFIG_FILE,
     DATA_STATS_FILE,
+    INFO_FILE,
     LOG_DIR,
     TRAIN_LOG_FILE,
     RunInfo,
     save_run_info,
     write_json_atomic,
     write_text_atomic,
+)
+from loratune.train.callbacks import EpochSeedCallback, InterruptCallback, TrainingInterrupted
+from loratune.train.checkpoints import (
+    check_resume_config,
+    checkpoint_step,
+    find_resume_checkpoint,
+    load_adapter_weights,
+    training_finished,
+    trim_train_log,
 )
 from loratune.train.data import PreparedData, model_max_length, prepare_training_data
 from loratune.train.packing import PackingCollator
@@ -91,13 +101,24 @@ def resolve_precision(config: RunConfig, model_type: str | None = None) -> Preci
 
 
 def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Raise ``OutputDirError`` when the folder contains another run, unless resuming or overwriting."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
+    """Raise ``OutputDirError`` when the folder contains another run, unless resuming or overwriting.
+
+    A non-empty folder that is not a loratune run is never deleted, even with overwriting on.
+    """
+    used = run_dir.exists() and any(run_dir.iterdir())
     if resume:
+        if not used:
+            raise OutputDirError(f"--resume: {run_dir} is missing or empty, so there is no run to resume; drop --resume")
         if not (run_dir / CHECKPOINT_DIR).is_dir():
             raise OutputDirError(f"--resume: {run_dir} has no {CHECKPOINT_DIR}/ folder to resume from")
         return
+    if not used:
+        return
+    if not any((run_dir / name).exists() for name in (CONFIG_FILE, INFO_FILE, CHECKPOINT_DIR)):
+        raise OutputDirError(
+            f"{run_dir} contains files that are not from a loratune run, and loratune never deletes "
+            "such a folder, even with train.overwrite_output_dir=true. Choose an empty or new train.output_dir."
+        )
     if overwrite:
         logger.warning("Overwriting the run in %s", run_dir)
         shutil.rmtree(run_dir)
@@ -144,14 +165,24 @@ def training_arguments(config: RunConfig, run_dir: Path, precision: Precision, h
     )
 
 
-def build_trainer(config: RunConfig, run_dir: Path, loaded: LoadedModel, data: PreparedData, precision: Precision) -> LoraTrainer:
+def build_trainer(
+    config: RunConfig,
+    run_dir: Path,
+    loaded: LoadedModel,
+    data: PreparedData,
+    precision: Precision,
+    resume_step: int | None = None,
+) -> LoraTrainer:
     args = training_arguments(config, run_dir, precision, data.validation is not None)
     pad_id = loaded.tokenizer.pad_token_id
-    callbacks = [MetricsLogCallback(run_dir / TRAIN_LOG_FILE)]
+    callbacks = [MetricsLogCallback(run_dir / TRAIN_LOG_FILE), EpochSeedCallback(config.train.seed)]
     if "tensorboard" in config.train.report_to:
         from torch.utils.tensorboard import SummaryWriter
 
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / LOG_DIR))))
+        # purge_step hides events an interrupted run logged after the checkpoint resumed from.
+        purge_step = resume_step + 1 if resume_step is not None else None
+        writer = SummaryWriter(log_dir=str(run_dir / LOG_DIR), purge_step=purge_step)
+        callbacks.append(TensorBoardCallback(tb_writer=writer))
     return LoraTrainer(
         model=loaded.model,
         args=args,
@@ -168,6 +199,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     """Fine-tune with LoRA as ``config`` describes; return the run folder."""
     run_dir = Path(config.train.output_dir)
     check_output_dir(run_dir, resume, config.train.overwrite_output_dir)
+    checkpoint, changed = prepare_resume(run_dir, config) if resume else (None, [])
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.train.seed)
 
@@ -193,13 +225,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     write_json_atomic(run_dir / DATA_STATS_FILE, data.stats)
 
     # Adapter: every base weight is frozen, only the LoRA matrices train.
-    loaded.model = attach_lora(
-        loaded.model,
-        config.lora,
-        loaded.family,
-        quantized=config.model.quantization != "none",
-        gradient_checkpointing=config.train.gradient_checkpointing,
-    )
+    attach_adapter(loaded, config, checkpoint)
     info = RunInfo(
         base_model=config.model.name_or_path,
         family=loaded.family,
@@ -214,21 +240,88 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     )
 
     # Fit, then save the adapter and tokenizer where later commands look for them.
-    trainer = build_trainer(config, run_dir, loaded, data, precision)
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    resume_step = checkpoint_step(checkpoint) if checkpoint else None
+    trainer = build_trainer(config, run_dir, loaded, data, precision, resume_step)
+    interrupted = fit(trainer, checkpoint, changed)
     save_adapter(trainer, loaded, run_dir)
     save_run_info(run_dir, info)
     logger.info("Saved the adapter to %s", run_dir / ADAPTER_DIR)
+    if interrupted:
+        raise TrainingInterrupted(
+            f"interrupted as training finished; the adapter is saved in {run_dir / ADAPTER_DIR}. "
+            f"Score it with: loratune evaluate {run_dir}"
+        )
     return run_dir
 
 
+def attach_adapter(loaded: LoadedModel, config: RunConfig, checkpoint: Path | None) -> None:
+    """Wrap ``loaded.model`` with a LoRA adapter that fits ``checkpoint`` when resuming."""
+    try:
+        loaded.model = attach_lora(
+            loaded.model,
+            config.lora,
+            loaded.family,
+            quantized=config.model.quantization != "none",
+            gradient_checkpointing=config.train.gradient_checkpointing,
+        )
+    except ValueError as error:  # target modules that this model does not have
+        raise ConfigError(str(error)) from None
+    if checkpoint is not None:
+        check_adapter_matches_base(checkpoint, loaded.model, config.model.name_or_path)
+
+
+def prepare_resume(run_dir: Path, config: RunConfig) -> tuple[Path, list[str]]:
+    """Pick the checkpoint to resume from and check the config against the run's own.
+
+    Returns the checkpoint and the config keys that changed. The train log loses the records
+    written after that checkpoint, so that it reads as one uninterrupted run.
+    """
+    checkpoint = find_resume_checkpoint(run_dir / CHECKPOINT_DIR)
+    changed = check_resume_config(run_dir / CONFIG_FILE, config)
+    removed = trim_train_log(run_dir / TRAIN_LOG_FILE, checkpoint_step(checkpoint))
+    logger.info("Resuming from %s (%d records after it removed from %s)", checkpoint, removed, TRAIN_LOG_FILE)
+    return checkpoint, changed
+
+
+def fit(trainer: LoraTrainer, checkpoint: Path | None, changed: list[str]) -> bool:
+    """Train, from ``checkpoint`` when given, and return True when Ctrl-C came as training ended.
+
+    Raises ``TrainingInterrupted`` when Ctrl-C stopped training before its last step.
+    """
+    if checkpoint is not None and training_finished(checkpoint, changed):
+        logger.info("%s is the final step; restoring its adapter without training", checkpoint)
+        load_adapter_weights(trainer.model, checkpoint)
+        return False
+    interrupt = InterruptCallback()
+    trainer.add_callback(interrupt)
+    with interrupt.installed():
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if not interrupt.requested:
+        return False
+    if trainer.state.global_step < trainer.state.max_steps:
+        saved = Path(trainer.args.output_dir) / f"checkpoint-{interrupt.stopped_at_step}"
+        raise TrainingInterrupted(
+            f"training interrupted at step {interrupt.stopped_at_step} of {trainer.state.max_steps}; "
+            f"saved {saved}. Rerun the same command with --resume to continue."
+        )
+    return True
+
+
 def save_adapter(trainer: LoraTrainer, loaded: LoadedModel, run_dir: Path) -> None:
-    """Write the adapter and tokenizer to ``adapter/`` through a temporary folder."""
+    """Write the adapter and tokenizer to ``adapter/`` through a temporary folder.
+
+    The old ``adapter/`` is renamed away before the new one takes its name, so ``adapter/``
+    is never partly written; at worst a crash leaves ``adapter.old/`` next to it.
+    """
     final = run_dir / ADAPTER_DIR
     tmp = run_dir / (ADAPTER_DIR + ".tmp")
+    old = run_dir / (ADAPTER_DIR + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.save_pretrained(str(tmp))
     loaded.tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

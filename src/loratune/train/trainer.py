@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -10,8 +11,18 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import rotate_checkpoints
 
 from loratune.data.formatting import IGNORE_INDEX
+from loratune.train.callbacks import check_finite_loss
+from loratune.train.checkpoints import (
+    STAGING_DIR,
+    CheckpointError,
+    checkpoint_write_failure,
+    publish_checkpoint,
+    read_log_state,
+    write_log_state,
+)
 from loratune.train.packing import ShuffledLengthGroupedSampler
 
 
@@ -57,6 +68,53 @@ class LoraTrainer(Trainer):
     def __init__(self, *args, family: str = "causal", **kwargs):
         super().__init__(*args, **kwargs)
         self.family = family
+        self._staging_dir: str | None = None
+        self._pending_log_state: dict | None = None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if isinstance(resume_from_checkpoint, str):
+            self._pending_log_state = read_log_state(Path(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._pending_log_state is not None:
+            # Trainer zeroes its loss accumulator when training starts. Putting back the sum
+            # since the last log step makes the next logged loss average the same steps as an
+            # uninterrupted run. NOTE: both attributes are Trainer internals (transformers 5.25).
+            self._tr_loss.fill_(self._pending_log_state["loss_sum"])
+            self._globalstep_last_logged = self._pending_log_state["last_logged_step"]
+            self._pending_log_state = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        check_finite_loss(loss, self.state.global_step + 1, self.args, model_type)
+        return loss
+
+    def _get_output_dir(self, trial) -> str:
+        # While _save_checkpoint runs, Trainer writes into the staging folder.
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into a staging folder, then rename it to ``checkpoint-<step>``.
+
+        A crash or a full disk during the write leaves the previous checkpoints untouched.
+        """
+        run_dir = Path(super()._get_output_dir(trial))
+        staging = run_dir / STAGING_DIR
+        name = f"checkpoint-{self.state.global_step}"
+        shutil.rmtree(staging, ignore_errors=True)
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+            write_log_state(staging / name, self._tr_loss.item(), self._globalstep_last_logged)
+            publish_checkpoint(staging / name, run_dir / name)
+            staging.rmdir()
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(checkpoint_write_failure(name, run_dir, error)) from error
+        finally:
+            self._staging_dir = None
+        # Trainer rotated inside the staging folder only; rotate the real one by step number.
+        rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)

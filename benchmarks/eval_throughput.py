@@ -1,0 +1,194 @@
+"""Evaluation throughput: loratune's batched generation against one example at a time.
+
+    .venv/bin/python benchmarks/eval_throughput.py [--models smollm2 t5-tiny] [--examples 48]
+
+Both sides run greedy decoding on the same SAMSum test prompts with the same model, each in a
+child process of its own. The baseline calls ``generate`` once per example
+(benchmarks/baseline.py). loratune calls ``loratune.evaluate.generation.generate`` with the
+recipe's generation settings (length-sorted batches, left padding for causal models, KV
+cache). The model carries a LoRA adapter with the recipe's settings, as an evaluated run
+does; PEFT initialises its B matrices to zero, so the text is the base model's. Reported:
+generated tokens/s, examples/s, peak RSS, ROUGE of both sides, and how many texts differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+MODELS = {
+    # model key: (recipe in configs/, default number of test examples)
+    "smollm2": ("smollm2-samsum.yaml", 48),
+    "t5-tiny": ("flan-t5-base-samsum.yaml", 48),
+}
+# The tiny T5 has random weights: it generates its pad token (the decoder start token)
+# until max_new_tokens, so it measures decoding speed but not text or ROUGE.
+DEFAULT_MODELS = ["smollm2"]
+SIDES = ["baseline", "loratune"]
+
+
+# ----------------------------------------------------------------------------- child side
+
+
+def load_with_adapter(config):
+    """Load the base model in fp32 and wrap it with a fresh LoRA adapter."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from loratune.models.loading import load_model
+    from loratune.models.lora import build_lora_config
+
+    set_seed(config.train.seed)
+    loaded = load_model(config.model)
+    loaded.model = get_peft_model(loaded.model, build_lora_config(config.lora, loaded.model, loaded.family))
+    loaded.model.eval()
+    return loaded
+
+
+def run_side(spec: dict) -> None:
+    from loratune.config import build_config
+    from loratune.data.formatting import PromptFormat, encode_prompt
+    from loratune.data.loading import load_split
+    from loratune.evaluate.generation import generate
+
+    import baseline
+
+    config = build_config(spec["config"])
+    loaded = load_with_adapter(config)
+    fmt = PromptFormat.for_tokenizer(loaded.family, config.data.prompt, loaded.tokenizer)
+    examples, _ = load_split(config.data, "test", spec["examples"])
+    prompts = [encode_prompt(loaded.tokenizer, fmt, ex.text, config.data.max_source_length)[0] for ex in examples]
+
+    start = time.perf_counter()
+    if spec["side"] == "baseline":
+        outputs = baseline.generate_one_at_a_time(
+            loaded.model, loaded.tokenizer, prompts, loaded.family, config.generation.max_new_tokens
+        )
+    else:
+        generated = generate(loaded.model, loaded.tokenizer, prompts, loaded.family, config.generation)
+        outputs = [{"text": item.text, "new_tokens": item.new_tokens} for item in generated]
+    seconds = time.perf_counter() - start
+
+    # Prompt processing alone (one new token), batched as loratune does. Both sides must do
+    # this work, so baseline time / this time bounds the speedup that batching can reach.
+    prefill_seconds = None
+    if spec["side"] == "loratune":
+        start = time.perf_counter()
+        generate(loaded.model, loaded.tokenizer, prompts, loaded.family,
+                 config.generation.model_copy(update={"max_new_tokens": 1}))
+        prefill_seconds = time.perf_counter() - start
+
+    harness.write_result(spec, {
+        "prefill_seconds": prefill_seconds,
+        "side": spec["side"],
+        "seconds": seconds,
+        "texts": [item["text"] for item in outputs],
+        "new_tokens": [item["new_tokens"] for item in outputs],
+        "prompt_tokens": sum(len(ids) for ids in prompts),
+        "references": [ex.references for ex in examples],
+        "batch_size": 1 if spec["side"] == "baseline" else config.generation.batch_size,
+        "peak_rss_mb": harness.peak_rss_mb(),
+    })
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def side_config(recipe: str, model_path: str | None, source: str, examples: int, max_source: int | None) -> dict:
+    config = yaml.safe_load((harness.CONFIGS / recipe).read_text())
+    if model_path:
+        config["model"]["name_or_path"] = model_path
+    config["data"].update(source=source, max_test_samples=examples)
+    if max_source:
+        config["data"]["max_source_length"] = max_source
+    return config
+
+
+def report(model_key: str, results: dict[str, dict], max_new_tokens: int) -> str:
+    from loratune.evaluate.rouge import rouge_scores
+
+    base, ours = results["baseline"], results["loratune"]
+    rouge = {side: rouge_scores(results[side]["texts"], results[side]["references"]) for side in SIDES}
+
+    def rates(result):
+        tokens = sum(result["new_tokens"])
+        return tokens, tokens / result["seconds"], len(result["texts"]) / result["seconds"]
+
+    (base_tokens, base_tps, base_eps), (our_tokens, our_tps, our_eps) = rates(base), rates(ours)
+    rows = [
+        ["generate batch size", base["batch_size"], ours["batch_size"], ""],
+        ["examples", len(base["texts"]), len(ours["texts"]), ""],
+        ["prompt tokens", base["prompt_tokens"], ours["prompt_tokens"], ""],
+        [f"generated tokens (max {max_new_tokens} each)", base_tokens, our_tokens, ""],
+        ["generation time (s)", base["seconds"], ours["seconds"], f"{ours['seconds'] / base['seconds']:.2f}x"],
+        ["generated tokens/s", base_tps, our_tps, f"{our_tps / base_tps:.2f}x"],
+        ["examples/s", base_eps, our_eps, f"{our_eps / base_eps:.2f}x"],
+        ["peak RSS (MB)", base["peak_rss_mb"], ours["peak_rss_mb"], f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"],
+    ]
+    prefill = ours["prefill_seconds"]
+    rows.append(["prompt processing alone, batched (s)", "", prefill, ""])
+    rows.append(["max speedup with that floor", "", "", f"{base['seconds'] / prefill:.2f}x"])
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        rows.append([key, f"{rouge['baseline'][key]:.4f}", f"{rouge['loratune'][key]:.4f}", ""])
+    differ = [i for i, (a, b) in enumerate(zip(base["texts"], ours["texts"])) if a != b]
+    rows.append(["texts that differ", "", f"{len(differ)} of {len(base['texts'])}", ""])
+    text = f"### {model_key}\n\n" + harness.format_table(["metric", "baseline", "loratune", "loratune / baseline"], rows)
+    for index in differ[:3]:
+        text += f"\n\nexample {index} differs:\n  baseline: {base['texts'][index]!r}\n  loratune: {ours['texts'][index]!r}"
+    return text + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=DEFAULT_MODELS)
+    parser.add_argument("--examples", type=int, help="test examples per model (default: per model)")
+    parser.add_argument("--threads", type=int, help="torch threads in every process (default: one per core)")
+    parser.add_argument("--json", type=Path, help="also write all measurements to this file")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child.read_text())
+        harness.set_threads(spec.get("threads"))
+        run_side(spec)
+        return 0
+
+    harness.set_threads(args.threads)
+    source = harness.samsum_source()
+    print(f"Machine: {harness.machine_description()}")
+    print(f"Data: {source}\n")
+    all_results = {"machine": harness.machine_description(), "source": source, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="loratune-bench-model-") as folder:
+        for model_key in args.models:
+            recipe, default_examples = MODELS[model_key]
+            count = args.examples or default_examples
+            model_path, max_source = None, None
+            if model_key == "t5-tiny":
+                rows = harness.load_rows(source, "train", 2000)
+                texts = [row["text"] for row in rows] + [row["references"][0] for row in rows]
+                model_path = str(harness.build_tiny_t5(Path(folder) / "t5-tiny", texts))
+                max_source = 512
+            config = side_config(recipe, model_path, source, count, max_source)
+            results = {}
+            for side in SIDES:
+                spec = {"side": side, "config": config, "examples": count, "threads": args.threads}
+                results[side] = harness.run_child(Path(__file__), spec, f"{model_key} {side}")
+            all_results["models"][model_key] = results
+            max_new = config.get("generation", {}).get("max_new_tokens", 64)
+            print(report(model_key, results, max_new), flush=True)
+    print(f"Load average at end: {harness.machine_description().rsplit('load average ', 1)[1]}")
+    if args.json:
+        args.json.write_text(json.dumps(all_results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Shared pieces of the benchmark scripts: data, the tiny T5, child processes, timing, tables.
+
+Every measured side runs in a child process of its own, one after another, so each one's
+peak resident memory is its own and no two sides compete for the CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SAMSUM_ENV = "LORATUNE_SAMSUM_DIR"
+SAMSUM_DEFAULT = Path("/work/shared/data/samsum")
+IGNORE_INDEX = -100
+
+
+def samsum_source() -> str:
+    """Return the SAMSum folder ($LORATUNE_SAMSUM_DIR, else the shared copy), or 'demo'."""
+    for candidate in (os.environ.get(SAMSUM_ENV), SAMSUM_DEFAULT):
+        if candidate and (Path(candidate) / "train.jsonl").is_file():
+            return str(candidate)
+    print("SAMSum not found; falling back to the demo data set that ships with loratune", file=sys.stderr)
+    return "demo"
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` torch threads in this process (None keeps torch's default, one per core).
+
+    On a CPU shared with other jobs, one thread can be much faster: an OpenMP parallel region
+    ends only when every thread has run, and a thread the OS has paused stalls it. Measured
+    on the 2-core benchmark machine at load average 5: a 20-token SmolLM2 generate took 31 s
+    with 2 threads and 3.4 s with 1.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine_description() -> str:
+    """CPU model, core count, torch threads, load average and library versions, on one line."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"transformers {transformers.__version__}, load average {load}"
+    )
+
+
+def matmul_gflops(dtype_name: str, m: int = 2048, k: int = 2048, n: int = 2048, seconds: float = 2.0) -> float:
+    """Best rate of ``(m x k) @ (k x n)`` in GFLOP/s over repeated runs lasting about ``seconds``."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    torch.matmul(a, b)  # warm-up: kernel selection and first-touch allocation
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
+
+
+def run_child(script: Path, spec: dict, label: str) -> dict:
+    """Run ``script --child SPEC`` in a fresh interpreter and return the JSON it writes."""
+    with tempfile.TemporaryDirectory(prefix="loratune-bench-") as folder:
+        spec = dict(spec, result_path=str(Path(folder) / "result.json"), work_dir=folder)
+        threads = spec.get("threads")
+        spec_path = Path(folder) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        print(f"  running {label} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        process = subprocess.run(
+            [sys.executable, str(script), "--child", str(spec_path)],
+            env=env, capture_output=True, text=True, cwd=REPO,
+        )
+        if process.returncode != 0:
+            sys.stderr.write(process.stdout[-4000:] + process.stderr[-8000:])
+            raise RuntimeError(f"benchmark child {label} failed with exit code {process.returncode}")
+        result = json.loads(Path(spec["result_path"]).read_text())
+        print(f"  {label} finished in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        return result
+
+
+def write_result(spec: dict, result: dict) -> None:
+    Path(spec["result_path"]).write_text(json.dumps(result))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Format rows as a Markdown table, so the printed output can be pasted into the docs."""
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3g}" if abs(value) < 10 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def build_tiny_t5(folder: Path, texts: Sequence[str], vocab_size: int = 8000, seed: int = 0) -> Path:
+    """Write a small random T5 and a BPE tokenizer trained on ``texts`` to ``folder``.
+
+    The tokenizer is trained here because no T5 tokenizer can be downloaded offline. The model
+    has 4 encoder and 4 decoder layers of width 256: 9.4 M parameters with an 8,000-token vocabulary.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    special = ["<pad>", "</s>", "<unk>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.NFKC()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special))
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", backend.token_to_id("</s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=256,
+        d_ff=1024,
+        d_kv=32,
+        num_heads=8,
+        num_layers=4,
+        num_decoder_layers=4,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_rows(source: str, split: str, limit: int) -> list[dict]:
+    """Read up to ``limit`` cleaned rows of a split as loratune reads them."""
+    from loratune.config import DataConfig
+    from loratune.data.loading import load_split
+
+    examples, _ = load_split(DataConfig(source=source), split, limit)
+    return [{"id": ex.id, "text": ex.text, "references": ex.references} for ex in examples]

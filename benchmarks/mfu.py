@@ -1,0 +1,147 @@
+"""Model FLOPs utilization of loratune training in fp32 and bf16, with the peak measured here.
+
+    .venv/bin/python benchmarks/mfu.py [--model smollm2] [--steps 6]
+
+MFU = useful training FLOPs per second / peak matmul rate. benchmarks/flops.py counts the
+useful FLOPs from the model's linear layers and the real tokens. It counts 4 FLOPs per frozen
+weight and token, 6 per trainable LoRA weight and token, attention over real query-key pairs,
+and the output layer on label tokens only. The peak is the best rate of a 2048 x 2048 x 2048
+torch matmul in the same precision, measured in this run. The script also times matmuls of
+the model's own shapes, which bound what its layers can reach, and checks the linear-layer
+part of the formula against torch's FlopCounterMode on one training example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+import train_throughput  # noqa: E402
+
+SIDES = ["loratune-fp32", "loratune"]
+
+
+def model_shapes(tokens: int) -> list[tuple[str, int, int, int]]:
+    """Return SmolLM2-135M's matmul shapes (name, m, k, n) for a micro-batch of ``tokens`` rows."""
+    return [
+        ("MLP up/gate 576->1536", tokens, 576, 1536),
+        ("MLP down 1536->576", tokens, 1536, 576),
+        ("attention q/o 576->576", tokens, 576, 576),
+        ("LoRA A 576->16", tokens, 576, 16),
+    ]
+
+
+def flop_check(spec: dict) -> None:
+    """Count one example's training FLOPs with FlopCounterMode and with the formula (child process)."""
+    import torch
+    import torch.nn.functional as F
+    from peft import get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import flops
+    from loratune.config import build_config
+    from loratune.data.formatting import IGNORE_INDEX, PromptFormat, build_training_features
+    from loratune.data.loading import load_split
+    from loratune.models.loading import load_model
+    from loratune.models.lora import build_lora_config
+
+    config = build_config(spec["config"])
+    loaded = load_model(config.model)
+    model = get_peft_model(loaded.model, build_lora_config(config.lora, loaded.model, loaded.family))
+    fmt = PromptFormat.for_tokenizer(loaded.family, config.data.prompt, loaded.tokenizer)
+    example = load_split(config.data, "train", 1)[0][0]
+    features, _, _ = build_training_features(loaded.tokenizer, fmt, example.text, example.target,
+                                             config.data.max_source_length, config.data.max_target_length)
+    input_ids = torch.tensor([features["input_ids"]])
+    targets = torch.tensor([features["labels"]])[:, 1:]
+    mask = targets != IGNORE_INDEX
+    with FlopCounterMode(display=False) as counter:
+        # The same computation as LoraTrainer.compute_loss: output layer on label positions only.
+        hidden = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1,
+                       use_cache=False).hidden_states[-1][:, :-1]
+        logits = model.get_output_embeddings()(hidden[mask])
+        F.cross_entropy(logits, targets[mask]).backward()
+    weights = flops.linear_weights(model, loaded.family)
+    source, target = len(features["input_ids"]), int(mask.sum())
+    harness.write_result(spec, {
+        "counted": counter.get_total_flops(),
+        "formula_linear": flops.linear_flops(weights, {"input": source, "label": target}),
+        "formula_attention": flops.attention_flops(model.config, loaded.family, source, target),
+        "tokens": source,
+        "label_tokens": target,
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["smollm2"], default="smollm2")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per precision")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, help="torch threads in every process (default: one per core)")
+    parser.add_argument("--json", type=Path, help="also write all measurements to this file")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child.read_text())
+        harness.set_threads(spec.get("threads"))
+        if spec["side"] == "flop-check":
+            flop_check(spec)
+        else:
+            train_throughput.run_side(spec)
+        return 0
+
+    harness.set_threads(args.threads)
+    source = harness.samsum_source()
+    print(f"Machine: {harness.machine_description()}")
+    print(f"Data: {source}\n")
+    recipe, _ = train_throughput.MODELS[args.model]
+
+    # Peak matmul rates, large square and model-shaped (8 rows of about 230 real tokens).
+    rows, peaks = [], {}
+    for name, m, k, n in [("square 2048^3", 2048, 2048, 2048), *model_shapes(8 * 230)]:
+        rates = {dtype: harness.matmul_gflops(dtype, m, k, n) for dtype in ("fp32", "bf16")}
+        if name.startswith("square"):
+            peaks = rates
+        rows.append([f"{name} ({m}x{k} @ {k}x{n})", rates["fp32"], rates["bf16"], f"{rates['bf16'] / rates['fp32']:.2f}x"])
+    print("Matmul rate (GFLOP/s, best of repeated runs):\n")
+    print(harness.format_table(["matmul", "fp32", "bf16", "bf16 / fp32"], rows) + "\n")
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="loratune-bench-mfu-") as folder:
+        for side in SIDES:
+            config = train_throughput.side_config(recipe, None, source, args.steps, args.batch_size, None, side, f"{folder}/run")
+            spec = {"side": side, "config": config, "heldout": 1, "threads": args.threads}
+            results[side] = harness.run_child(Path(__file__), spec, f"{args.model} {side}")
+        config = train_throughput.side_config(recipe, None, source, 1, 1, None, "loratune-fp32", f"{folder}/check")
+        check = harness.run_child(Path(__file__), {"side": "flop-check", "config": config, "threads": args.threads}, "FlopCounterMode check")
+
+    table = []
+    for side, result in results.items():
+        seconds = result["loop_seconds"]
+        achieved = result["useful_flops"] / seconds / 1e9
+        peak = peaks[result["precision"]]
+        table.append([side, result["precision"], result["useful_flops"] / 1e12, seconds, achieved, peak, f"{achieved / peak:.1%}"])
+    print(harness.format_table(
+        ["side", "precision", "useful TFLOP", "training loop (s)", "achieved GFLOP/s", "peak GFLOP/s", "MFU"], table))
+    print(
+        f"\nFlopCounterMode on one example ({check['tokens']} tokens, {check['label_tokens']} label tokens): "
+        f"{check['counted'] / 1e9:.2f} GFLOP counted; the formula's linear part gives "
+        f"{check['formula_linear'] / 1e9:.2f} GFLOP ({check['counted'] / check['formula_linear'] - 1:+.1%}), "
+        f"and its attention part adds {check['formula_attention'] / 1e9:.2f} GFLOP, which FlopCounterMode "
+        "does not count for the CPU attention kernel."
+    )
+    end = {dtype: harness.matmul_gflops(dtype) for dtype in ("fp32", "bf16")}
+    print(f"Peak matmul at end: fp32 {end['fp32']:.0f} GFLOP/s, bf16 {end['bf16']:.0f} GFLOP/s; "
+          f"load average at end: {harness.machine_description().rsplit('load average ', 1)[1]}")
+    if args.json:
+        args.json.write_text(json.dumps({"peaks": peaks, "end_peaks": end, "results": results, "check": check}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
