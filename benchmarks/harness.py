@@ -88,6 +88,16 @@ def matmul_gflops(dtype_name: str, m: int = 2048, k: int = 2048, n: int = 2048, 
     return 2 * m * k * n / best / 1e9
 
 
+# Matmul shapes timed for the peak: a large square, and SmolLM2-135M's MLP and attention
+# projections for 8 rows of about 230 tokens. The model shapes often run faster than the square.
+PEAK_SHAPES = [(2048, 2048, 2048), (1840, 576, 1536), (1840, 1536, 576), (1840, 576, 576)]
+
+
+def peak_matmul_gflops(dtype_name: str) -> float:
+    """Return the best matmul rate in GFLOP/s over ``PEAK_SHAPES``, the peak that MFU divides by."""
+    return max(matmul_gflops(dtype_name, m, k, n) for m, k, n in PEAK_SHAPES)
+
+
 def run_child(script: Path, spec: dict, label: str) -> dict:
     """Run ``script --child SPEC`` in a fresh interpreter and return the JSON it writes."""
     with tempfile.TemporaryDirectory(prefix="loratune-bench-") as folder:

@@ -294,3 +294,26 @@ def test_shutdown_finishes_requests_in_flight(loaded_chat_run):
     assert response.status_code == 200
     assert response.json()["summaries"][0]["summary"]
     assert json.loads(response.text)["summaries"][0]["new_tokens"] == 8
+
+
+def test_shutdown_timeout_answers_503(loaded_chat_run):
+    app = create_app(loaded_chat_run, _options())
+    service = app.state.service
+    started = threading.Event()
+    real_run_batch = service.run_batch
+
+    def slow_run_batch(prompts, settings):
+        started.set()
+        time.sleep(1.5)
+        return real_run_batch(prompts, settings)
+
+    service.run_batch = slow_run_batch
+    with running_server(app, shutdown_timeout_s=0.2) as (url, server):
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(httpx.post, f"{url}/v1/summarize", json={"text": TEXTS[0]}, timeout=30)
+            assert started.wait(timeout=10)
+            server.should_exit = True
+            response = future.result(timeout=30)
+
+    assert response.status_code == 503
+    assert "shut down" in _error(response)

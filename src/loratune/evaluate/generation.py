@@ -2,7 +2,12 @@
 
 Prompts are sorted by length so each batch pads little, causal prompts are padded on the
 left so every row's last prompt token sits at the same position, and results come back in
-the caller's order. Only the new tokens are decoded.
+the caller's order. Only the new tokens are decoded. A batch that runs out of memory is
+retried at half the batch size.
+
+Greedy batched output equals one-prompt-at-a-time output up to float rounding: padding
+changes the matmul shapes, which can change the last bits of the logits, so two tokens
+whose logits tie to within that rounding could be picked differently.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ with 413 whether or not the client sent a ``Content-Length``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -27,9 +28,9 @@ def error_body(message: str, kind: str, status: int) -> bytes:
 
 
 def _request_id(headers: dict[bytes, bytes]) -> str:
-    given = headers.get(b"x-request-id", b"").decode("latin-1")
-    if given and len(given) <= _MAX_CLIENT_ID_LENGTH and given.isprintable() and " " not in given:
-        return given
+    client_id = headers.get(b"x-request-id", b"").decode("latin-1")
+    if client_id and len(client_id) <= _MAX_CLIENT_ID_LENGTH and client_id.isprintable() and " " not in client_id:
+        return client_id
     return uuid.uuid4().hex[:16]
 
 
@@ -67,6 +68,14 @@ class RequestGuard:
 
         try:
             await self._guarded(scope, receive, send_with_id, headers, request_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when --shutdown-timeout ends. Respond to
+            # them with 503 and end the task quietly instead of logging a traceback per request.
+            logger.warning("%s %s %s cancelled by the server shutdown", request_id, scope["method"], scope["path"])
+            if not status["code"]:
+                await _reply(send_with_id, 503, error_body(
+                    "the server shut down before this request finished; retry later", "server_shutting_down", 503
+                ))
         except Exception:
             # Routes raise only RequestError and validation errors on purpose; anything else is
             # a bug. Log it under the request id and respond with 500 instead of dropping the connection.
