@@ -67,8 +67,11 @@ def start_server(args: argparse.Namespace, port: int, max_batch_size: int) -> su
         "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
         "--max-queue", str(max(1024, 2 * args.burst)),
     ]
+    env = dict(os.environ)
+    if args.server_threads:
+        env["OMP_NUM_THREADS"] = str(args.server_threads)  # torch reads it at import for its thread pool
     with open(args.log_dir / f"serve-batch{max_batch_size}.log", "w") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -165,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=8, help="server --max-batch-size with batching (default: 8)")
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="server --batch-wait-ms (default: 10)")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="time bound per scenario and per request (default: 600)")
+    parser.add_argument("--server-threads", type=int, default=0,
+                        help="torch CPU threads of the server (OMP_NUM_THREADS); 0 keeps torch's default")
     parser.add_argument("--log-dir", type=Path, default=Path("runs/bench-serve"), help="server logs (default: runs/bench-serve)")
     return parser.parse_args(argv)
 
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args.log_dir.mkdir(parents=True, exist_ok=True)
     texts = [row["dialogue"] for row in read_rows(args.data) if row.get("dialogue")]
     print(f"target {args.target}; {len(texts)} texts from {args.data}; max_new_tokens {args.max_new_tokens}; "
-          f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})", flush=True)
+          f"server threads {args.server_threads or 'default'}; {os.cpu_count()} CPUs "
+          f"({platform.processor() or platform.machine()})", flush=True)
 
     results = run_scenario(args, texts, args.max_batch_size) + run_scenario(args, texts, 1)
     print("| scenario | clients | requests | failed | seconds | requests/s | p50 ms | p95 ms | prompts per batch |")

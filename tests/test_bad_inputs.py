@@ -174,7 +174,7 @@ CASES = [
     # Output folder collisions and --resume without a run.
     Case("folder contains another run", LLAMA_RUN, "{tmp}/run already contains files from another run. Pass --resume "
          "to continue it, set train.overwrite_output_dir=true to replace it, or choose another train.output_dir.",
-         setup=make_run_folder("config.yaml")),
+         setup=make_run_folder("loratune.json")),
     Case("overwrite a folder that is no run", [*LLAMA_RUN, "train.overwrite_output_dir=true"],
          "{tmp}/run contains files that are not from a loratune run, and loratune never deletes such a folder, "
          "even with train.overwrite_output_dir=true. Choose an empty or new train.output_dir.",

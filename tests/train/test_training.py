@@ -104,3 +104,15 @@ def test_response_only_loss_matches_full_loss(tiny_llama_dir):
     trainer.accelerator = _Accelerator()
     loss = LoraTrainer.compute_loss(trainer, model, dict(batch))
     torch.testing.assert_close(loss, expected)
+
+
+def test_failed_run_does_not_block_retry(tiny_llama_dir, tmp_path):
+    config = tiny_config(tiny_llama_dir, tmp_path / "run", max_steps=1)
+    broken = config.model_copy(update={"data": config.data.model_copy(update={"source": str(tmp_path / "absent")})})
+    from loratune.data.loading import DataError
+
+    with pytest.raises(DataError, match="data source not found"):
+        train(broken)
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    run_dir = train(config)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

@@ -272,6 +272,8 @@ def load_split(config: DataConfig, split: str, limit: int | None = None) -> tupl
     source = str(DEMO_DIR) if config.source == DEMO_SOURCE else config.source
     path = Path(source).expanduser()
     bad_lines: list[int] | None = [] if config.skip_bad_rows else None
+    if not path.exists() and path.suffix.lower() not in FILE_SUFFIXES and source.startswith(("/", ".", "~")):
+        raise DataError(f"data source not found: {path}")
     if path.is_dir():
         files = split_files(path)
         if split not in files:

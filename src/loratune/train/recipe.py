@@ -119,6 +119,13 @@ def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"{run_dir} contains files that are not from a loratune run, and loratune never deletes "
             "such a folder, even with train.overwrite_output_dir=true. Choose an empty or new train.output_dir."
         )
+    pre_training_files = {CONFIG_FILE, DATA_STATS_FILE, LOG_DIR, TRAIN_LOG_FILE}
+    if {entry.name for entry in run_dir.iterdir()} <= pre_training_files:
+        # Only files written before the first step are there, so the earlier run failed before
+        # training started (bad data or model, say) and nothing in it is worth keeping.
+        logger.warning("Reusing %s: the run there stopped before training started", run_dir)
+        shutil.rmtree(run_dir)
+        return
     if overwrite:
         logger.warning("Overwriting the run in %s", run_dir)
         shutil.rmtree(run_dir)
