@@ -1,8 +1,8 @@
 """The reference LoRA recipe as it is commonly written, re-implemented as the benchmark baseline.
 
 Training: every example is padded to the fixed max source and target lengths when it is
-tokenized, the model stays in fp32, and a plain ``Trainer`` (``Seq2SeqTrainer`` for T5)
-with its default data loading trains it, computing the model's own loss over full logits.
+tokenized, and the model stays in fp32. A plain ``Trainer`` (``Seq2SeqTrainer`` for T5)
+with its default data loading trains it with the model's own loss over full logits.
 Evaluation: ``generate`` is called once per example.
 
 Tokenization reuses loratune's prompt and target encoders, so both sides train on exactly

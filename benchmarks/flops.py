@@ -2,8 +2,8 @@
 
 For each linear layer with P = in_features x out_features weights, applied to n tokens:
 
-- frozen weight: 4 P n (2 P n forward, 2 P n for the gradient with respect to its input;
-  a frozen weight needs no weight gradient, so the usual 6 P n overcounts LoRA training);
+- frozen weight: 4 P n (2 P n forward, 2 P n for the gradient with respect to its input).
+  A frozen weight needs no weight gradient, so the usual 6 P n overcounts LoRA training.
 - trainable weight (LoRA A and B): 6 P n (forward, input gradient and weight gradient).
 
 Attention scores and the weighted sum cost 4 d_attn FLOPs per query per visible key in each
@@ -25,7 +25,7 @@ from torch import nn
 
 
 def _stream(name: str, family: str) -> str:
-    """Which token count a linear layer runs on: 'input', 'source', 'target' or 'label'."""
+    """Return the token stream a linear layer runs on: 'input', 'source', 'target' or 'label'."""
     if name.endswith("lm_head") or ".lm_head." in name:
         return "label"
     if family == "causal":

@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/lora_precision.py [--steps 8]
 
-Trains the SmolLM2 recipe three times on the same batches (same rows, same sampler seed):
-fp32; bf16 autocast as loratune runs it; and bf16 autocast with each LoRA branch computed in
-fp32 and added to the upcast base output. Under autocast, PEFT adds the LoRA output to the
+Trains the SmolLM2 recipe three times on the same batches (same rows, same sampler seed).
+The variants are fp32, bf16 autocast as loratune runs it, and bf16 autocast with each LoRA
+branch computed in fp32 and added to the upcast base output. Under autocast, PEFT adds the LoRA output to the
 bf16 output of the frozen layer in bf16, whose 8-bit mantissa rounds the small early
 updates. The third side patches ``peft.tuners.lora.layer.Linear.forward`` in its own child
 process only, to measure whether that rounding explains a loss gap. loratune itself is not

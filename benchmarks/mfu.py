@@ -67,6 +67,52 @@ def flop_check(spec: dict) -> None:
     })
 
 
+def profile_step(spec: dict) -> None:
+    """Profile one forward and backward pass of 8 training rows; split CPU time by op kind (child)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    from loratune.config import build_config
+    from loratune.data.formatting import PromptFormat, build_training_features
+    from loratune.data.loading import load_split
+    from loratune.models.loading import load_model
+    from loratune.models.lora import build_lora_config
+    from loratune.train.trainer import LoraTrainer, PadCollator
+
+    config = build_config(spec["config"])
+    loaded = load_model(config.model)
+    model = get_peft_model(loaded.model, build_lora_config(config.lora, loaded.model, loaded.family))
+    fmt = PromptFormat.for_tokenizer(loaded.family, config.data.prompt, loaded.tokenizer)
+    examples = load_split(config.data, "train", 8)[0]
+    features = [build_training_features(loaded.tokenizer, fmt, ex.text, ex.target, config.data.max_source_length,
+                                        config.data.max_target_length)[0] for ex in examples]
+    batch = PadCollator(loaded.tokenizer.pad_token_id)(features)
+    args = TrainingArguments(output_dir=spec["work_dir"], use_cpu=True, report_to="none")
+    trainer = LoraTrainer(model=model, args=args, family=loaded.family)
+    bf16 = spec["precision"] == "bf16"
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = trainer.compute_loss(model, batch)
+        loss.backward()
+
+    step()  # warm-up
+    with torch.profiler.profile() as profiler:
+        step()
+    kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for event in profiler.key_averages():
+        name = event.key
+        if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+            kinds["matmul"] += event.self_cpu_time_total
+        elif "scaled_dot_product" in name:
+            kinds["attention"] += event.self_cpu_time_total
+        else:
+            kinds["other"] += event.self_cpu_time_total
+    total = sum(kinds.values())
+    harness.write_result(spec, {kind: value / total for kind, value in kinds.items()} | {"seconds": total / 1e6})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["smollm2"], default="smollm2")
@@ -81,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         harness.set_threads(spec.get("threads"))
         if spec["side"] == "flop-check":
             flop_check(spec)
+        elif spec["side"] == "profile":
+            profile_step(spec)
         else:
             train_throughput.run_side(spec)
         return 0
@@ -108,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             results[side] = harness.run_child(Path(__file__), spec, f"{args.model} {side}")
         config = train_throughput.side_config(recipe, None, source, 1, 1, None, "loratune-fp32", f"{folder}/check")
         check = harness.run_child(Path(__file__), {"side": "flop-check", "config": config, "threads": args.threads}, "FlopCounterMode check")
+        profiles = {}
+        for precision in ("fp32", "bf16"):
+            spec = {"side": "profile", "precision": precision, "config": config, "threads": args.threads}
+            profiles[precision] = harness.run_child(Path(__file__), spec, f"profile {precision}")
 
     table = []
     for side, result in results.items():
@@ -124,11 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         f"and its attention part adds {check['formula_attention'] / 1e9:.2f} GFLOP, which FlopCounterMode "
         "does not count for the CPU attention kernel."
     )
+    print("\nSelf CPU time of one training step on the first 8 training rows, by op kind (torch.profiler):\n")
+    print(harness.format_table(
+        ["precision", "step (s)", "matmul (mm, addmm, bmm)", "attention kernel", "everything else"],
+        [[p, r["seconds"], f"{r['matmul']:.0%}", f"{r['attention']:.0%}", f"{r['other']:.0%}"] for p, r in profiles.items()],
+    ))
     end = {dtype: harness.peak_matmul_gflops(dtype) for dtype in ("fp32", "bf16")}
     print(f"Peak matmul at end: fp32 {end['fp32']:.0f} GFLOP/s, bf16 {end['bf16']:.0f} GFLOP/s; "
           f"load average at end: {harness.machine_description().rsplit('load average ', 1)[1]}")
     if args.json:
-        args.json.write_text(json.dumps({"peaks": peaks, "end_peaks": end, "results": results, "check": check}, indent=2))
+        args.json.write_text(json.dumps(
+            {"peaks": peaks, "end_peaks": end, "results": results, "check": check, "profiles": profiles}, indent=2))
     return 0
 
 

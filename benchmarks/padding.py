@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/padding.py [--batch-size 8]
 
-Tokenizes the whole train split as the SmolLM2 recipe does (configs/smollm2-samsum.yaml)
-and reports, per scheme, the share of positions fed to the model that are padding, which
-is the compute the training benchmark's short runs cannot show for a full epoch.
+Tokenizes the whole train split as the SmolLM2 recipe does (configs/smollm2-samsum.yaml).
+For each scheme it reports the share of positions fed to the model that are padding. The
+training benchmark's short runs cannot show this for a full epoch.
 """
 
 from __future__ import annotations

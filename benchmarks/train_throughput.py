@@ -213,6 +213,7 @@ def run_side(spec: dict) -> None:
         "loop_seconds": seconds,
         "losses": record["losses"],
         "useful_flops": flops.useful_flops(model, family, lengths),
+        "attention_flops": sum(flops.attention_flops(model.config, family, s, t) for s, t in lengths),
         "peak_rss_mb": harness.peak_rss_mb(),
     }
     # The held-out loss runs after the RSS reading, so it cannot raise the training peak.
@@ -280,6 +281,8 @@ def report(model_key: str, results: dict[str, dict], peaks: dict) -> str:
         row("samples/s", [stats[s]["samples_per_s"] for s in sides]),
         row("peak RSS (MB)", [results[s]["peak_rss_mb"] for s in sides]),
         row("useful TFLOP", [results[s]["useful_flops"] / 1e12 for s in sides], ratio=False),
+        row("attention share of useful FLOPs",
+            [f"{results[s]['attention_flops'] / results[s]['useful_flops']:.1%}" for s in sides], ratio=False),
         row("MFU", [f"{stats[s]['mfu']:.1%}" for s in sides], ratio=False),
         row("held-out loss after training", [f"{results[s]['heldout_loss']:.4f}" for s in sides], ratio=False),
     ]

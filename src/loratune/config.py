@@ -118,6 +118,11 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 on GPUs and CPUs with bf16 instructions, else fp32."
     )
+    fp32_lora_branch: bool = Field(
+        True,
+        description="Under bf16/fp16 autocast, compute the LoRA branch and its sum with the "
+        "frozen layer's output in fp32 (closer to the fp32 loss, a little slower).",
+    )
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(True, description="Batch examples of similar length together.")
     packing: bool = Field(

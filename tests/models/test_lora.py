@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from loratune.config import LoraSettings, ModelConfig
 from loratune.models.loading import ModelLoadError, detect_family, load_model, resolve_model_path
-from loratune.models.lora import attach_lora, build_lora_config, default_target_modules
+from loratune.models.lora import attach_lora, build_lora_config, default_target_modules, keep_lora_branch_fp32
 
 
 def test_default_targets_by_architecture(tiny_t5_dir, tiny_llama_dir):
@@ -56,3 +56,55 @@ def test_kbit_without_cuda_is_rejected(tiny_llama_dir):
 def test_missing_gguf_is_reported(tmp_path):
     with pytest.raises(ModelLoadError, match="GGUF file not found"):
         resolve_model_path(ModelConfig(name_or_path=str(tmp_path / "model.gguf")))
+
+
+def _young_adapter_layer(tiny_llama_dir, use_dora: bool = False):
+    """A LoRA q_proj whose branch adds about 0.1% to the frozen output, as early in training."""
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    settings = LoraSettings(r=4, alpha=4, dropout=0.0, target_modules=["q_proj"], use_dora=use_dora)
+    model = attach_lora(llama, settings, "causal").eval()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.base_layer.weight.normal_(0, 1)
+        layer.lora_A["default"].weight.normal_(0, 1)
+        layer.lora_B["default"].weight.normal_(0, 1e-3 / 4)
+    return model, layer
+
+
+def _branch_error(layer, x) -> float:
+    """Relative error, under bf16 autocast, of the LoRA branch as it shows in the layer output."""
+    with torch.no_grad():
+        reference = layer(x) - layer.base_layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            seen = layer(x).float() - layer.base_layer(x).float()
+    return ((seen - reference).norm() / reference.norm()).item()
+
+
+def test_fp32_lora_branch_keeps_small_updates_under_bf16(tiny_llama_dir):
+    model, layer = _young_adapter_layer(tiny_llama_dir)
+    x = torch.randn(4, 16, layer.in_features)
+    # PEFT as it stands adds the branch to the bf16 output in bf16 and loses most of it.
+    assert _branch_error(layer, x) > 0.1
+    assert keep_lora_branch_fp32(model) == model.config.num_hidden_layers
+    assert _branch_error(layer, x) < 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.requires_grad_())
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert layer.lora_A["default"].weight.grad is not None
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_fp32_lora_branch_leaves_fp32_results_and_dora_working(tiny_llama_dir):
+    model, layer = _young_adapter_layer(tiny_llama_dir)
+    x = torch.randn(2, 8, layer.in_features)
+    with torch.no_grad():
+        before = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+        keep_lora_branch_fp32(model)
+        after = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
+    dora_model, dora_layer = _young_adapter_layer(tiny_llama_dir, use_dora=True)
+    keep_lora_branch_fp32(dora_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(dora_layer(x)).all()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import types
 
+import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
+from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from loratune.config import LoraSettings
@@ -101,3 +105,33 @@ def attach_lora(
         100 * trainable / total,
     )
     return peft_model
+
+
+def _upcast_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
+
+
+def _fp32_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+def keep_lora_branch_fp32(model: nn.Module) -> int:
+    """Compute LoRA branches in fp32 under autocast and add them to an fp32 base output.
+
+    Under bf16 or fp16 autocast, PEFT adds the LoRA output to the frozen layer's half-precision
+    output in half precision. bf16 keeps 8 mantissa bits, so while the adapter is young its
+    contribution, well under 1% of the base output, is mostly rounded away and training lags
+    the fp32 run. Here the frozen matmul still runs in half precision, but its output is cast
+    to fp32 before the LoRA branch, itself computed in fp32, is added. The weights and the saved
+    adapter do not change. Returns the number of LoRA layers changed.
+    """
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear):
+            continue
+        module.base_layer.register_forward_hook(_upcast_output)
+        for linear in [*module.lora_A.values(), *module.lora_B.values()]:
+            linear.forward = types.MethodType(_fp32_linear_forward, linear)
+        count += 1
+    return count

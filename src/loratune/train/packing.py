@@ -6,12 +6,16 @@ batch pads little and the step order carries no long-to-short pattern.
 
 Packing (causal models only) places several examples of one micro-batch side by side in one
 row, first-fit decreasing, no row longer than the micro-batch's longest example. Position ids
-restart at 0 for every example, and the batch carries no ``attention_mask``: transformers
-(checked with 5.25, ``masking_utils.find_packed_sequence_indices``) then builds a causal mask
-that is block-diagonal over the examples for the eager and SDPA attention kernels, and flash
-attention uses the same position ids for its variable-length kernel. The micro-batch holds the
-same examples and label tokens as without packing, so the loss is the same up to float
-rounding, but fewer pad tokens go through the model.
+restart at 0 for every example, and the batch carries no ``attention_mask``. From those
+position ids transformers 5.25 builds a causal mask that is block-diagonal over the examples
+for the eager and SDPA attention kernels (``masking_utils.find_packed_sequence_indices``), as
+long as no KV cache is passed. The micro-batch holds the same examples and label tokens as
+without packing, so the loss is the same up to float rounding, but fewer pad tokens go
+through the model.
+
+NOTE: the tests check Llama with eager and SDPA attention. Flash attention also reads packed
+position ids in transformers, but it was not run here (no GPU), and a model whose remote code
+builds its own mask may ignore them and let examples attend to each other.
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     longest to shortest and yields the batches in that order. It also shrinks the groups so
     that there are at least 4 of them, which leaves small data sets nearly unsorted (80
     examples at batch 8 form groups of 2 batches). This sampler always uses groups of 50
-    batches, because it shuffles the batch order itself: a data set under 50 batches is
-    sorted as a whole, its batches then differ little between epochs but come in a new
-    order each epoch (the length bucketing that fairseq uses). Each index appears exactly
+    batches, because it shuffles the batch order itself. A data set under 50 batches is
+    then sorted as a whole, so its batches differ little between epochs, but they come in
+    a new order each epoch (the length bucketing that fairseq uses). Each index appears exactly
     once per epoch, the batch with the longest example comes first, so an out-of-memory
     error shows on the first step, and a partial batch comes last.
     """

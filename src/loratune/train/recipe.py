@@ -15,7 +15,7 @@ import loratune
 from loratune.config import ConfigError, RunConfig, dump_config
 from loratune.data.formatting import PromptFormat
 from loratune.models.loading import LoadedModel, check_adapter_matches_base, load_model, read_model_config
-from loratune.models.lora import attach_lora
+from loratune.models.lora import attach_lora, keep_lora_branch_fp32
 from loratune.runs import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
@@ -233,6 +233,9 @@ def train(config: RunConfig, resume: bool = False) -> Path:
 
     # Adapter: every base weight is frozen, only the LoRA matrices train.
     attach_adapter(loaded, config, checkpoint)
+    if config.train.fp32_lora_branch and (precision.bf16 or precision.fp16):
+        count = keep_lora_branch_fp32(loaded.model)
+        logger.info("LoRA branch of %d layers computed in fp32 under %s autocast", count, precision.name)
     info = RunInfo(
         base_model=config.model.name_or_path,
         family=loaded.family,
