@@ -349,13 +349,19 @@ def test_resume_rejects_other_model_settings(tmp_path, tiny_llama_dir, tiny_t5_d
     )
 
 
-def test_resume_rejects_adapter_of_other_shape(tmp_path, tiny_llama_dir, capsys):
-    """Without the run's config.yaml, the adapter's shapes still catch a different base model."""
+def wider_llama(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    """Save a copy of the tiny Llama with hidden size 64 instead of 32."""
     wider = tmp_path / "wider"
     shutil.copytree(tiny_llama_dir, wider)
     config = LlamaConfig.from_pretrained(tiny_llama_dir)
     config.hidden_size = 64
     LlamaForCausalLM(config).save_pretrained(wider)
+    return wider
+
+
+def test_resume_rejects_adapter_of_other_shape(tmp_path, tiny_llama_dir, capsys):
+    """Without the run's config.yaml, the adapter's shapes still catch a different base model."""
+    wider = wider_llama(tmp_path, tiny_llama_dir)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("{}\n")
     run_dir = tmp_path / "run"
@@ -372,3 +378,39 @@ def test_resume_rejects_adapter_of_other_shape(tmp_path, tiny_llama_dir, capsys)
         "model.layers.0.self_attn.k_proj has in_features=64, the adapter expects 32. It was trained on "
         f"'{tiny_llama_dir}'; use that base model."
     )
+
+
+def test_evaluate_rejects_adapter_of_other_base(tmp_path, tiny_llama_dir, capsys):
+    """A run whose recorded base model changed since training fails before generating."""
+    wider = wider_llama(tmp_path, tiny_llama_dir)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    run_dir = tmp_path / "run"
+    args = ["train", str(recipe), f"model.name_or_path={tiny_llama_dir}", "data.source=demo",
+            f"train.output_dir={run_dir}", "train.max_steps=1", "train.batch_size=2", "--no-eval"]
+    assert main(args) == 0
+    info = json.loads((run_dir / "loratune.json").read_text())
+    info["base_model"] = str(wider)
+    (run_dir / "loratune.json").write_text(json.dumps(info))
+    capsys.readouterr()
+
+    assert main(["evaluate", str(run_dir), "--data", "demo", "--max-samples", "2"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"loratune evaluate: error: the adapter in {run_dir / 'adapter'} does not fit the base model "
+        f"'{wider}': layer model.layers.0.self_attn.k_proj has in_features=64, the adapter expects 32. "
+        f"It was trained on '{tiny_llama_dir}'; use that base model."
+    )
+
+
+def test_pickled_adapter_is_warned_about(tmp_path, caplog):
+    from loratune.models.loading import warn_if_pickled_adapter
+
+    (tmp_path / "adapter_model.bin").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        warn_if_pickled_adapter(tmp_path)
+    assert f"{tmp_path} has only pickle weights (adapter_model.bin)" in caplog.text
+    caplog.clear()
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        warn_if_pickled_adapter(tmp_path)
+    assert caplog.text == ""

@@ -1,6 +1,7 @@
 """The quickstart path on the real embedded SmolLM2-135M-Instruct (slow: about a minute)."""
 
 import json
+import logging
 
 import pytest
 
@@ -9,9 +10,11 @@ from loratune.cli.quickstart import resolve_data_source
 from loratune.data.loading import DEMO_SOURCE
 
 
-def test_offline_quickstart_falls_back_to_demo_set():
-    with pytest.warns(UserWarning, match="Hub is unreachable.*pass --data DIR"):
+def test_offline_quickstart_falls_back_to_demo_set(caplog):
+    with caplog.at_level(logging.WARNING):
         assert resolve_data_source(None) == DEMO_SOURCE
+    assert "Hub is unreachable" in caplog.text
+    assert "pass --data DIR" in caplog.text
 
 
 def test_data_flag_wins(tmp_path):

@@ -53,9 +53,11 @@ class DataConfig(_Section):
         min_length=1,
         description="Hub dataset id, a folder of split files, a single file, or 'demo'.",
     )
-    train_split: str = "train"
-    validation_split: str | None = "validation"
-    test_split: str | None = "test"
+    train_split: str = Field("train", description="Split name used for training.")
+    validation_split: str | None = Field(
+        "validation", description="Split for the validation loss; None skips it."
+    )
+    test_split: str | None = Field("test", description="Split scored after training; None skips it.")
     text_column: str = Field("dialogue", description="Column with the input text.")
     summary_column: str = Field(
         "summary", description="Column with the target; a list column gives several references."
@@ -76,9 +78,13 @@ class DataConfig(_Section):
     max_target_length: int | None = Field(
         None, gt=0, description="Max target tokens; None picks it from target_length_percentile."
     )
-    source_length_percentile: float = Field(95.0, gt=0, le=100)
-    target_length_percentile: float = Field(95.0, gt=0, le=100)
-    seed: int = 42
+    source_length_percentile: float = Field(
+        95.0, gt=0, le=100, description="Percentile of train input lengths, in tokens, used as max_source_length."
+    )
+    target_length_percentile: float = Field(
+        95.0, gt=0, le=100, description="Percentile of train target lengths, in tokens, used as max_target_length."
+    )
+    seed: int = Field(42, description="Seed for shuffling the data.")
     skip_bad_rows: bool = Field(
         False,
         description="Skip malformed JSON lines and rows whose columns have the wrong type, "
@@ -91,30 +97,32 @@ class LoraSettings(_Section):
 
     r: int = Field(16, gt=0, description="Rank of the update matrices.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha/r.")
-    dropout: float = Field(0.05, ge=0, lt=1)
-    bias: Literal["none", "all", "lora_only"] = "none"
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout probability on the LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which bias vectors train.")
     target_modules: list[str] | Literal["auto", "all-linear"] = Field(
         "auto",
         description="Module names, 'all-linear', or 'auto' (q,v for T5; attention for Llama).",
     )
-    use_dora: bool = False
-    use_rslora: bool = False
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilized scaling: alpha/sqrt(r) instead of alpha/r.")
 
 
 class TrainConfig(_Section):
     """Optimisation, precision, logging and checkpoint settings."""
 
-    output_dir: str = "runs/loratune"
-    epochs: float = Field(1.0, gt=0)
+    output_dir: str = Field("runs/loratune", description="Run folder for checkpoints, adapter, logs and metrics.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the train split; fractions allowed.")
     max_steps: int = Field(-1, description="Optimizer steps; -1 trains for 'epochs'.")
 
-    learning_rate: float = Field(3e-4, gt=0)
+    learning_rate: float = Field(3e-4, gt=0, description="Peak AdamW learning rate.")
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch per device.")
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the optimizer steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of the LoRA weights.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold (L2 norm).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="'auto': bf16 on GPUs and CPUs with bf16 instructions, else fp32."
     )
@@ -123,20 +131,24 @@ class TrainConfig(_Section):
         description="Under bf16/fp16 autocast, compute the LoRA branch and its sum with the "
         "frozen layer's output in fp32 (closer to the fp32 loss, a little slower).",
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, slower steps."
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length together.")
     packing: bool = Field(
         False,
         description="Causal models only: pack each micro-batch's examples into fewer rows.",
     )
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: int = Field(10, gt=0, description="Optimizer steps between loss log records.")
     save_steps: int = Field(200, gt=0, description="Optimizer steps between checkpoints.")
-    save_total_limit: int | None = Field(2, gt=0)
+    save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept; None keeps all.")
     eval_steps: int | None = Field(None, gt=0, description="Validation loss every N steps.")
-    seed: int = 42
-    dataloader_num_workers: int = Field(0, ge=0)
+    seed: int = Field(42, description="Seed for weights init, batch order and dropout.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Data loader worker processes; 0 loads in the main process.")
     overwrite_output_dir: bool = Field(False, description="Allow training into a used folder.")
-    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trainer loggers; [] for none."
+    )
 
     @field_validator("max_steps")
     @classmethod
@@ -149,21 +161,21 @@ class TrainConfig(_Section):
 class GenerationSettings(_Section):
     """Decoding settings used by evaluate, predict and serve."""
 
-    max_new_tokens: int = Field(64, gt=0)
-    num_beams: int = Field(1, gt=0)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(64, gt=0, description="Max generated tokens per summary.")
+    num_beams: int = Field(1, gt=0, description="Beam width; 1 is greedy or sampling.")
+    do_sample: bool = Field(False, description="Sample instead of greedy or beam search.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on repeated tokens; 1 is none.")
     batch_size: int = Field(16, gt=0, description="Examples per generate() call.")
 
 
 class EvalConfig(_Section):
     """Evaluation run after training: the split, a row limit and the base-model comparison."""
 
-    split: str = "test"
-    max_samples: int | None = Field(None, gt=0)
-    run_after_training: bool = True
+    split: str = Field("test", description="Split scored by evaluate.")
+    max_samples: int | None = Field(None, gt=0, description="Score the first N rows only.")
+    run_after_training: bool = Field(True, description="Score the test split when training ends.")
     compare_base: bool = Field(False, description="Also score the base model without adapter.")
 
 
@@ -310,3 +322,28 @@ def _describe_yaml_error(error: yaml.YAMLError) -> str:
 def dump_config(config: RunConfig) -> str:
     """Return the resolved config as YAML, every default written out."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """Return (key, type, default, description) for every recipe key, in schema order."""
+    rows = []
+    for section, section_field in RunConfig.model_fields.items():
+        model = section_field.annotation
+        for name, field in model.model_fields.items():
+            annotation = str(field.annotation).replace("typing.", "").replace("Literal", "one of ")
+            if isinstance(field.annotation, type):
+                annotation = field.annotation.__name__
+            default = field.default_factory() if field.default_factory else field.default
+            limits = ", ".join(_describe_limit(item) for item in field.metadata)
+            description = " ".join(filter(None, [field.description, f"({limits})" if limits else ""]))
+            rows.append((f"{section}.{name}", annotation, repr(default), description))
+    return rows
+
+
+def _describe_limit(item) -> str:
+    for name, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if hasattr(item, name):
+            return f"{symbol} {getattr(item, name)}"
+    if hasattr(item, "min_length"):
+        return "not empty"
+    return str(item)

@@ -73,3 +73,15 @@ def test_prepare_prints_length_stats(tiny_t5_dir, tmp_path, capsys):
 def test_parser_rejects_unknown_command():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fly"])
+
+
+def test_keys_lists_every_recipe_key(capsys):
+    from loratune.config import RunConfig
+
+    assert main(["keys"]) == 0
+    output = capsys.readouterr().out
+    for section, section_field in RunConfig.model_fields.items():
+        for name in section_field.annotation.model_fields:
+            assert f"  {section}.{name}  [" in output
+    assert "  train.learning_rate  [float, default 0.0003]\n      Peak AdamW learning rate. (> 0)\n" in output
+    assert "  lora.dropout  [float, default 0.05]\n      Dropout probability on the LoRA input. (>= 0, < 1)\n" in output

@@ -98,7 +98,10 @@ def test_merge_of_merged_is_noop(llama_run, tmp_path, capsys):
     assert not (tmp_path / "again").exists()
 
     assert main(["merge", str(merged), "--out", str(tmp_path / "again")]) == 0
-    assert "already a merged model" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{merged} is already a merged model; nothing to do, and nothing was written to {tmp_path / 'again'}. "
+        f"Use {merged} as it is, or copy it."
+    )
     assert not (tmp_path / "again").exists()
 
 

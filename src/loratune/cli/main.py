@@ -17,7 +17,7 @@ from loratune.data.loading import DataError
 
 logger = logging.getLogger("loratune")
 
-OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.epochs=2 lora.r=8"
+OVERRIDES_HELP = "config overrides as section.key=value, e.g. train.epochs=2 lora.r=8 ('loratune keys' lists them)"
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from loratune.cli.ship import add_ship_commands
 
+    keys = commands.add_parser(
+        "keys", help="list every recipe key with its type, default and meaning",
+        description="List every key a YAML recipe or a KEY=VALUE override can set.",
+    )
+    _add_common(keys)
+
     for name, handler in add_ship_commands(commands).items():
         COMMANDS[name] = handler
     return parser
@@ -91,6 +97,8 @@ def setup_logging(debug: bool) -> None:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # rouge-score logs "Using default tokenizer." through absl for every scorer it builds.
+    logging.getLogger("absl").setLevel(logging.DEBUG if debug else logging.WARNING)
     # peft 0.21 reads a transformers attribute that transformers 5 deprecated; the warning
     # repeats on every model load and needs no action from the user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -102,10 +110,11 @@ def setup_logging(debug: bool) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from loratune.evaluate.pipeline import evaluate_run
     from loratune.evaluate.runner import format_comparison
-    from loratune.train.recipe import train
+    from loratune.train.recipe import release_memory, train
 
     config = load_config(args.config, args.overrides)
     run_dir = train(config, resume=args.resume)
+    release_memory()
     if config.eval.run_after_training and not args.no_eval and config.data.test_split:
         results = evaluate_run(run_dir, config, config.eval.split, with_base=config.eval.compare_base)
         print(format_comparison(results))
@@ -117,13 +126,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from loratune.cli.quickstart import describe_source, quickstart_config
     from loratune.evaluate.pipeline import evaluate_run
     from loratune.evaluate.runner import format_comparison
-    from loratune.train.recipe import train
+    from loratune.train.recipe import release_memory, train
 
     config = quickstart_config(args.data, args.output, args.overrides)
     logger.info("Quickstart data: %s", describe_source(config.data.source))
     start = time.perf_counter()
     run_dir = train(config)
     train_seconds = time.perf_counter() - start
+    release_memory()
     results = evaluate_run(run_dir, config, config.eval.split, with_base=True)
     total = time.perf_counter() - start
     print()
@@ -178,7 +188,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "quickstart": cmd_quickstart, "evaluate": cmd_evaluate, "prepare": cmd_prepare}
+def cmd_keys(args: argparse.Namespace) -> int:
+    from loratune.config import describe_keys
+
+    section = None
+    for key, annotation, default, description in describe_keys():
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            print(f"\n{section}:")
+        print(f"  {key}  [{annotation}, default {default}]")
+        if description:
+            print(f"      {description}")
+    return 0
+
+
+COMMANDS = {"keys": cmd_keys, "train": cmd_train, "quickstart": cmd_quickstart, "evaluate": cmd_evaluate, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

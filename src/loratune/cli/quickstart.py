@@ -8,7 +8,6 @@ contains the same recipe as a file.
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 from loratune.config import RunConfig, apply_overrides, build_config
@@ -33,6 +32,7 @@ QUICKSTART_RECIPE: dict = {
         "epochs": 1,
         "learning_rate": 3e-4,
         "batch_size": 8,
+        "gradient_checkpointing": True,
         "logging_steps": 10,
         "save_steps": 50,
     },
@@ -62,11 +62,11 @@ def resolve_data_source(data: str | None) -> str:
         return data
     if hub_reachable(HUB_DATASET):
         return HUB_DATASET
-    warnings.warn(
-        f"The Hugging Face Hub is unreachable, so the quickstart uses the small demo set shipped "
-        f"with loratune instead of {HUB_DATASET}; its ROUGE numbers mean little. For real data, "
-        "pass --data DIR with train/validation/test .jsonl, .json, .csv or .parquet files.",
-        stacklevel=2,
+    logger.warning(
+        "The Hugging Face Hub is unreachable, so the quickstart uses the small demo set shipped "
+        "with loratune instead of %s; its ROUGE numbers mean little. For real data, pass "
+        "--data DIR with train/validation/test .jsonl, .json, .csv or .parquet files.",
+        HUB_DATASET,
     )
     return DEMO_SOURCE
 

@@ -52,7 +52,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     except MergeError as error:
         return _fail(args, error)
     if out_dir is None:
-        print(f"{args.run_dir} is already a merged model; nothing to do.")
+        print(f"{args.run_dir} is already a merged model; nothing to do, and nothing was written to "
+              f"{args.out}. Use {args.run_dir} as it is, or copy it.")
         return 0
     print(f"Merged model: {out_dir}")
     return 0

@@ -52,17 +52,24 @@ class SplitReport:
     rows_read: int = 0
     rows_kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    # Usable rows before a row limit cut them to ``rows_kept``; None without a limit.
+    rows_usable: int | None = None
 
     def summary(self) -> dict:
         return {
             "source": self.source,
             "rows_read": self.rows_read,
+            "rows_usable": self.rows_kept if self.rows_usable is None else self.rows_usable,
             "rows_kept": self.rows_kept,
             "dropped": dict(self.dropped),
         }
 
     def describe(self) -> str:
-        text = f"{self.split}: {self.rows_kept} of {self.rows_read} rows kept from {self.source}"
+        if self.rows_usable is not None and self.rows_usable > self.rows_kept:
+            text = (f"{self.split}: first {self.rows_kept} of {self.rows_usable} usable rows taken "
+                    f"(row limit) from {self.source}, {self.rows_read} rows read")
+        else:
+            text = f"{self.split}: {self.rows_kept} of {self.rows_read} rows kept from {self.source}"
         if self.dropped:
             reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.dropped.items()))
             text += f" (dropped: {reasons})"
@@ -293,6 +300,7 @@ def load_split(config: DataConfig, split: str, limit: int | None = None) -> tupl
         more = f" and {len(bad_lines) - 10} more" if len(bad_lines) > 10 else ""
         logger.warning("%s: skipped %d malformed lines (line %s%s)", origin, len(bad_lines), shown, more)
     if limit is not None:
+        report.rows_usable = len(examples)
         examples = examples[:limit]
         report.rows_kept = len(examples)
     logger.info(report.describe())

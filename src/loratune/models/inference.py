@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loratune.config import DataConfig, ModelConfig
 from loratune.data.formatting import PromptFormat
-from loratune.models.loading import load_model, load_tokenizer
+from loratune.models.loading import check_adapter_matches_base, load_model, load_tokenizer, warn_if_pickled_adapter
 from loratune.runs import ADAPTER_DIR, INFO_FILE, RunInfo, is_run_dir, load_run_info
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,9 @@ def load_run_for_inference(run_dir: Path, dtype: torch.dtype = torch.float32) ->
     adapter_dir = run_dir / ADAPTER_DIR
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{run_dir}: no trained adapter in {adapter_dir}; did training finish?")
+    warn_if_pickled_adapter(adapter_dir)
     loaded = load_model(model_config_from_run(info), dtype=dtype)
+    check_adapter_matches_base(adapter_dir, loaded.model, info.base_model)
     tokenizer = load_tokenizer(str(adapter_dir), model_config_from_run(info))
     model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
     model.eval()

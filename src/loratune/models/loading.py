@@ -153,6 +153,19 @@ def check_weight_files(folder: Path) -> None:
     )
 
 
+def warn_if_pickled_adapter(adapter_dir: Path) -> None:
+    """Warn when an adapter folder has ``adapter_model.bin`` and no safetensors weights."""
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "adapter_model.safetensors").is_file():
+        return
+    if (adapter_dir / "adapter_model.bin").is_file():
+        logger.warning(
+            "%s has only pickle weights (adapter_model.bin); loading them unpickles the file. "
+            "Load only adapters you trust; loratune itself saves adapters as safetensors.",
+            adapter_dir,
+        )
+
+
 def detect_family(config: PretrainedConfig) -> str:
     """Return "seq2seq" for encoder-decoder configs and "causal" otherwise."""
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
