@@ -2,13 +2,11 @@
 
     .venv/bin/python benchmarks/lora_precision.py [--steps 8]
 
-Trains the SmolLM2 recipe three times on the same batches (same rows, same sampler seed).
-The variants are fp32, bf16 autocast as loratune runs it, and bf16 autocast with each LoRA
-branch computed in fp32 and added to the upcast base output. Under autocast, PEFT adds the LoRA output to the
-bf16 output of the frozen layer in bf16, whose 8-bit mantissa rounds the small early
-updates. The third side patches ``peft.tuners.lora.layer.Linear.forward`` in its own child
-process only, to measure whether that rounding explains a loss gap. loratune itself is not
-changed by this script.
+Trains the SmolLM2 recipe three times on the same batches (same rows, same sampler seed):
+fp32, bf16 autocast with PEFT's own LoRA forward (``train.fp32_lora_branch=false``), and bf16
+autocast as loratune runs it by default, with each LoRA branch computed in fp32 and added to
+the upcast output of the frozen layer. PEFT alone adds the LoRA output to the bf16 output of
+the frozen layer in bf16, whose 8-bit mantissa rounds the small early updates away.
 """
 
 from __future__ import annotations
@@ -24,29 +22,11 @@ import harness  # noqa: E402
 import train_throughput  # noqa: E402
 
 VARIANTS = {
-    # variant: side of train_throughput that it runs
-    "fp32": "loratune-fp32",
-    "bf16 autocast": "loratune",
-    "bf16 autocast, fp32 LoRA branch": "loratune",
+    # variant: (side of train_throughput that it runs, train.fp32_lora_branch)
+    "fp32": ("loratune-fp32", True),
+    "bf16 autocast, bf16 LoRA branch (PEFT)": ("loratune", False),
+    "bf16 autocast, fp32 LoRA branch (default)": ("loratune", True),
 }
-
-
-def patch_fp32_lora_branch() -> None:
-    """Make PEFT's LoRA linear layers add an fp32 LoRA branch to the upcast base output."""
-    import torch
-    from peft.tuners.lora import layer
-
-    def forward(self, x, *args, **kwargs):
-        result = self.base_layer(x, *args, **kwargs)
-        with torch.autocast(x.device.type, enabled=False):
-            result = result.float()
-            for name in self.active_adapters:
-                if name in self.lora_A:
-                    branch = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x.float())))
-                    result = result + branch * self.scaling[name]
-        return result
-
-    layer.Linear.forward = forward
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         spec = json.loads(args.child.read_text())
         harness.set_threads(spec.get("threads"))
-        if spec["variant"] == "bf16 autocast, fp32 LoRA branch":
-            patch_fp32_lora_branch()
         train_throughput.run_side(spec)
         return 0
 
@@ -71,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Data: {source}\n")
     results = {}
     with tempfile.TemporaryDirectory(prefix="loratune-bench-precision-") as folder:
-        for variant, side in VARIANTS.items():
+        for variant, (side, fp32_branch) in VARIANTS.items():
             config = train_throughput.side_config("smollm2-samsum.yaml", None, source, args.steps, 8, None, side, f"{folder}/run")
             config["data"]["max_source_length"] = args.max_source_length
+            config["train"]["fp32_lora_branch"] = fp32_branch
             spec = {"side": side, "variant": variant, "config": config, "heldout": args.heldout, "threads": args.threads}
             results[variant] = harness.run_child(Path(__file__), spec, variant)
 

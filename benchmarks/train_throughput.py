@@ -4,8 +4,9 @@
 
 For each model, three sides train LoRA for the same number of optimizer steps on the same
 SAMSum training rows, each in a child process of its own. The sides are the baseline
-(benchmarks/baseline.py), loratune forced to fp32, and loratune with its defaults (bf16
-autocast on CPUs with bf16 matrix instructions). Reported per side: real (non-pad) tokens/s, samples/s, peak RSS,
+(benchmarks/baseline.py), loratune forced to fp32, and loratune with the recipe's settings
+(bf16 autocast on CPUs with bf16 matrix instructions, the LoRA branch in fp32, and gradient
+checkpointing where the recipe turns it on). Reported per side: real (non-pad) tokens/s, samples/s, peak RSS,
 MFU (benchmarks/flops.py over the best matmul rate measured at the start of the run), the loss
 of every step, and the loss on held-out validation rows after training, computed the same
 way for every side (fp32, one example at a time, label tokens only).
@@ -36,7 +37,7 @@ SIDES = {
     "loratune-fp32": ("loratune", "fp32"),
     "loratune": ("loratune", "auto"),
     "loratune-packing": ("loratune", "auto"),
-    "loratune-checkpointing": ("loratune", "auto"),
+    "loratune-no-checkpointing": ("loratune", "auto"),
 }
 DEFAULT_SIDES = ["baseline", "loratune-fp32", "loratune"]
 
@@ -59,8 +60,8 @@ def side_config(recipe: str, model_path: str | None, source: str, steps: int, ba
     )
     if side == "loratune-packing":
         train.update(packing=True, group_by_length=False)
-    if side == "loratune-checkpointing":
-        train.update(gradient_checkpointing=True)
+    if side == "loratune-no-checkpointing":
+        train.update(gradient_checkpointing=False)
     config["eval"] = {"run_after_training": False}
     return config
 

@@ -55,8 +55,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp creates the file readable by its owner only; give it the mode a plain
-        # open() would, so that other users and containers can read the run's files.
+        # mkstemp creates the file readable by its owner only. The mode a plain open() would
+        # give lets other users read the run's files.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

@@ -344,9 +344,9 @@ def release_memory() -> None:
     """Return the memory that a finished training run left behind to the operating system.
 
     Trainer objects form reference cycles, so they are freed only when the garbage collector
-    runs. glibc then keeps the freed heap mapped (several GB after SmolLM2 training), which
-    adds to the peak of an evaluation that follows in the same process; ``malloc_trim``
-    gives it back.
+    runs. glibc then keeps the freed heap mapped (several GB after SmolLM2 training). That
+    memory adds to the peak of an evaluation in the same process, so ``malloc_trim`` returns
+    it.
     """
     gc.collect()
     if sys.platform.startswith("linux"):
