@@ -132,7 +132,7 @@ def report(model_key: str, results: dict[str, dict], max_new_tokens: int) -> str
         ["generation time (s)", base["seconds"], ours["seconds"], f"{ours['seconds'] / base['seconds']:.2f}x"],
         ["generated tokens/s", base_tps, our_tps, f"{our_tps / base_tps:.2f}x"],
         ["examples/s", base_eps, our_eps, f"{our_eps / base_eps:.2f}x"],
-        ["peak RSS (MB)", base["peak_rss_mb"], ours["peak_rss_mb"], f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"],
+        ["peak RSS (MiB)", base["peak_rss_mb"], ours["peak_rss_mb"], f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"],
     ]
     prefill = ours["prefill_seconds"]
     rows.append(["prompt processing alone, batched (s)", "", prefill, ""])

@@ -280,7 +280,7 @@ def report(model_key: str, results: dict[str, dict], peaks: dict) -> str:
         row("training loop (s)", [results[s]["loop_seconds"] for s in sides]),
         row("real tokens/s", [stats[s]["tokens_per_s"] for s in sides]),
         row("samples/s", [stats[s]["samples_per_s"] for s in sides]),
-        row("peak RSS (MB)", [results[s]["peak_rss_mb"] for s in sides]),
+        row("peak RSS (MiB)", [results[s]["peak_rss_mb"] for s in sides]),
         row("useful TFLOP", [results[s]["useful_flops"] / 1e12 for s in sides], ratio=False),
         row("attention share of useful FLOPs",
             [f"{results[s]['attention_flops'] / results[s]['useful_flops']:.1%}" for s in sides], ratio=False),

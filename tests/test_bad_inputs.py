@@ -129,7 +129,7 @@ CASES = [
     Case("csv not utf-8", data_run("rows.csv"), "{tmp}/rows.csv: not valid UTF-8 text (byte 25)",
          files={"rows.csv": b"id,dialogue,summary\n1,caf\xe9,b\n"}),
     Case("malformed json line", data_run("rows.jsonl"),
-         f"{{tmp}}/rows.jsonl: line 3: invalid JSON (Expecting ',' delimiter); {SKIP_HINT}",
+         f"{{tmp}}/rows.jsonl: line 3: invalid JSON (Expecting ',' delimiter, column 12); {SKIP_HINT}",
          files={"rows.jsonl": GOOD_ROW * 2 + '{"id": "3" "dialogue": "x"}\n'}),
     Case("json line not an object", data_run("rows.jsonl"),
          f"{{tmp}}/rows.jsonl: line 2: expected a JSON object, got list; {SKIP_HINT}",

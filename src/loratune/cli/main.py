@@ -102,17 +102,20 @@ def setup_logging(debug: bool) -> None:
     # peft 0.21 reads a transformers attribute that transformers 5 deprecated; the warning
     # repeats on every model load and needs no action from the user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    import transformers
+    if "transformers" in sys.modules:
+        import transformers
 
-    transformers.logging.set_verbosity_info() if debug else transformers.logging.set_verbosity_error()
+        transformers.logging.set_verbosity_info() if debug else transformers.logging.set_verbosity_error()
+    else:  # read when transformers is first imported, which takes about a second
+        os.environ["TRANSFORMERS_VERBOSITY"] = "info" if debug else "error"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
     from loratune.evaluate.pipeline import evaluate_run
     from loratune.evaluate.runner import format_comparison
     from loratune.train.recipe import release_memory, train
 
-    config = load_config(args.config, args.overrides)
     run_dir = train(config, resume=args.resume)
     release_memory()
     if config.eval.run_after_training and not args.no_eval and config.data.test_split:
@@ -171,12 +174,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    config: RunConfig = load_config(args.config, args.overrides)
+    from transformers import AutoConfig
+
     from loratune.data.formatting import PromptFormat
     from loratune.models.loading import load_tokenizer, resolve_model_path
     from loratune.train.data import model_max_length, prepare_training_data
-    from transformers import AutoConfig
 
-    config: RunConfig = load_config(args.config, args.overrides)
     path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(path, config.model)
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
@@ -215,18 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     setup_logging(args.debug)
-    from loratune.models.loading import ModelLoadError
-    from loratune.train.callbacks import NonFiniteLossError, TrainingInterrupted
-    from loratune.train.checkpoints import CheckpointError
-    from loratune.train.recipe import OutputDirError
 
     # Expected failures print one line (the full traceback with --debug). Exit status: 2 for
-    # invalid input, 1 for a failed run, 130 for Ctrl-C.
+    # invalid input, 1 for a failed run, 130 for Ctrl-C. The error classes of the torch-based
+    # modules are imported only when an exception arrives, so a bad config fails fast.
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, ModelLoadError, OutputDirError, FileNotFoundError) as error:
+    except (ConfigError, DataError, FileNotFoundError) as error:
         return _report_error(args, f"error: {error}", 2)
-    except (CheckpointError, NonFiniteLossError) as error:
+    except _input_errors() as error:
+        return _report_error(args, f"error: {error}", 2)
+    except _run_errors() as error:
         return _report_error(args, f"error: {error}", 1)
     except BrokenPipeError:  # stdout piped into a command that stopped reading, e.g. head
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -234,12 +237,32 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # e.g. a full disk or a read-only output folder
         where = f": {error.filename}" if error.filename else ""
         return _report_error(args, f"error: {error.strerror or error}{where}", 1)
-    except TrainingInterrupted as error:
+    except _interrupted_error() as error:
         return _report_error(args, str(error), 130)
     except KeyboardInterrupt:
         _close_progress_bars()
         print(f"loratune {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    from loratune.models.loading import ModelLoadError
+    from loratune.train.recipe import OutputDirError
+
+    return ModelLoadError, OutputDirError
+
+
+def _run_errors() -> tuple[type[Exception], ...]:
+    from loratune.train.callbacks import NonFiniteLossError
+    from loratune.train.checkpoints import CheckpointError
+
+    return CheckpointError, NonFiniteLossError
+
+
+def _interrupted_error() -> type[Exception]:
+    from loratune.train.callbacks import TrainingInterrupted
+
+    return TrainingInterrupted
 
 
 def _report_error(args: argparse.Namespace, message: str, status: int) -> int:

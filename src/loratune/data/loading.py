@@ -117,7 +117,7 @@ def _parse_json_line(raw: bytes) -> tuple[dict | None, str | None]:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:
-        return None, f"invalid JSON ({error.msg})"
+        return None, f"invalid JSON ({error.msg}, column {error.colno})"
     if not isinstance(row, dict):
         return None, f"expected a JSON object, got {type(row).__name__}"
     return row, None
@@ -143,7 +143,7 @@ def read_json(path: Path) -> list[dict]:
             if error.msg == "Extra data":
                 # A .json file that holds one object per line.
                 return read_jsonl(path)
-            raise DataError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+            raise DataError(f"{path}: line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
         except UnicodeDecodeError as error:
             raise DataError(f"{path}: not valid UTF-8 text (byte {error.start})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
