@@ -195,6 +195,10 @@ def test_predict_cli_errors(llama_run, tmp_path, capsys):
     assert "data file not found" in capsys.readouterr().err
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_leaves_valid_partial_file(llama_run, tmp_path):
     rows = read_rows(DEMO_TEST) * 40
     source = tmp_path / "input.jsonl"
@@ -203,7 +207,10 @@ def test_sigint_leaves_valid_partial_file(llama_run, tmp_path):
     command = [sys.executable, "-m", "loratune.cli.main", "predict", str(llama_run), "--input", str(source),
                "--output", str(output), "--batch-size", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A background job of a non-interactive shell starts with SIGINT ignored, and Python then
+    # raises no KeyboardInterrupt; the child gets the default action back before it starts.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=_default_sigint)
     partial = partial_path(output)
     deadline = time.monotonic() + 60
     while (not partial.exists() or partial.stat().st_size == 0) and time.monotonic() < deadline and process.poll() is None:
