@@ -38,6 +38,7 @@ SIDES = {
     "loratune": ("loratune", "auto"),
     "loratune-packing": ("loratune", "auto"),
     "loratune-no-checkpointing": ("loratune", "auto"),
+    "loratune-low-memory": ("loratune", "auto"),
 }
 DEFAULT_SIDES = ["baseline", "loratune-fp32", "loratune"]
 
@@ -62,6 +63,8 @@ def side_config(recipe: str, model_path: str | None, source: str, steps: int, ba
         train.update(packing=True, group_by_length=False)
     if side == "loratune-no-checkpointing":
         train.update(gradient_checkpointing=False)
+    if side == "loratune-low-memory":
+        train.update(low_memory_allocator=True)
     config["eval"] = {"run_after_training": False}
     return config
 

@@ -84,7 +84,6 @@ class DataConfig(_Section):
     target_length_percentile: float = Field(
         95.0, gt=0, le=100, description="Percentile of train target lengths, in tokens, used as max_target_length."
     )
-    seed: int = Field(42, description="Seed for shuffling the data.")
     skip_bad_rows: bool = Field(
         False,
         description="Skip malformed JSON lines and rows whose columns have the wrong type, "
@@ -133,6 +132,11 @@ class TrainConfig(_Section):
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, slower steps."
+    )
+    low_memory_allocator: bool = Field(
+        False,
+        description="Linux/glibc: return freed blocks over 4 MiB to the OS at once. Halves peak "
+        "resident memory of SmolLM2 training with checkpointing (about 2.2 GiB), at about twice the step time.",
     )
     group_by_length: bool = Field(True, description="Batch examples of similar length together.")
     packing: bool = Field(

@@ -1,6 +1,9 @@
 """End-to-end training on tiny random models: invariants of LoRA and of the run folder."""
 
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,3 +119,22 @@ def test_failed_run_does_not_block_retry(tiny_llama_dir, tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
     run_dir = train(config)
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_low_memory_allocator_switch(tiny_llama_dir, tmp_path, monkeypatch):
+    import loratune.train.recipe as recipe
+
+    calls = []
+    monkeypatch.setattr(recipe, "use_low_memory_allocator", lambda: calls.append(True) or True)
+    train(tiny_config(tiny_llama_dir, tmp_path / "default", max_steps=1))
+    assert calls == []
+    train(tiny_config(tiny_llama_dir, tmp_path / "low", max_steps=1, low_memory_allocator=True))
+    assert calls == [True]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_low_memory_allocator_applies_on_glibc():
+    # A child process, so that the test session keeps glibc's default allocator settings.
+    code = "from loratune.train.recipe import use_low_memory_allocator as f; print(f())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ("True" if platform.libc_ver()[0] == "glibc" else "False")

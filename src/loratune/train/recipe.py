@@ -213,6 +213,9 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     checkpoint, changed = prepare_resume(run_dir, config) if resume else (None, [])
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.train.seed)
+    if config.train.low_memory_allocator:
+        applied = use_low_memory_allocator()
+        logger.info("Low-memory allocator: %s", "on" if applied else "not available with this C library")
 
     # The resolved config is saved first, so even a failed run records what it tried. It is
     # logged once model and data have loaded, so that their errors are not buried under it.
@@ -341,6 +344,25 @@ def save_adapter(trainer: LoraTrainer, loaded: LoadedModel, run_dir: Path) -> No
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# mallopt parameter number of M_MMAP_THRESHOLD in glibc's malloc.h.
+_M_MMAP_THRESHOLD = -3
+
+
+def use_low_memory_allocator(threshold: int = 4 * 1024 * 1024) -> bool:
+    """Make glibc map blocks of ``threshold`` bytes and more on their own, and unmap them when freed.
+
+    By default glibc keeps freed activation memory in its heaps and fragments it, so resident
+    memory stays far above the live tensors. Unmapped blocks leave no such reserve, but the
+    kernel zeroes their pages again on every step. Returns False where this libc lacks mallopt.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # a libc other than glibc, e.g. musl
+        return False
 
 
 def release_memory() -> None:
