@@ -91,3 +91,20 @@ def test_resume_after_external_sigkill(fault_runs, reference_run, tmp_path):
     resumed = fault_runs.run([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path / "reference", run_dir)
+
+
+def test_resume_under_bf16_autocast_matches_uninterrupted(fault_runs, tmp_path):
+    """The default CPU precision: bf16 autocast with the LoRA branch in fp32."""
+    reference_dir = tmp_path / "reference"
+    reference = fault_runs.run(fault_runs.args(reference_dir, "--no-eval", "train.precision=bf16"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert "LoRA branch of 8 layers computed in fp32 under bf16 autocast" in reference.stderr
+
+    run_dir = tmp_path / "run"
+    args = fault_runs.args(run_dir, "--no-eval", "train.precision=bf16")
+    crashed = fault_runs.run(args, "kill-after-save", 9)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    resumed = fault_runs.run([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {run_dir / 'checkpoints' / 'checkpoint-9'}" in resumed.stderr
+    assert_same_run(reference_dir, run_dir)
