@@ -1,7 +1,8 @@
 import os
 import stat
 
-from loratune.runs import write_text_atomic
+from loratune.cli.main import main
+from loratune.runs import run_lock, write_text_atomic
 
 
 def test_atomic_write_leaves_no_temporary_file(tmp_path):
@@ -22,3 +23,22 @@ def test_atomic_write_uses_umask_mode(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o600
+
+
+def test_second_run_into_locked_folder_fails(tmp_path, tiny_llama_dir, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")
+    run_dir = tmp_path / "run"
+    args = ["train", str(recipe), f"model.name_or_path={tiny_llama_dir}", "data.source=demo",
+            f"train.output_dir={run_dir}", "train.max_steps=1", "train.batch_size=2", "--no-eval"]
+
+    with run_lock(run_dir):
+        assert main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"loratune train: error: another loratune process (pid {os.getpid()}) is training into {run_dir}; "
+        "wait for it to finish or choose another train.output_dir"
+    )
+    assert not run_dir.exists()
+
+    assert main(args) == 0
+    assert (run_dir / "adapter").is_dir()

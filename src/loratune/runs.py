@@ -14,9 +14,12 @@ Layout of a run folder::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,3 +97,37 @@ def load_run_info(run_dir: Path) -> RunInfo:
     data = json.loads(path.read_text(encoding="utf-8"))
     known = set(RunInfo.__dataclass_fields__)
     return RunInfo(**{key: value for key, value in data.items() if key in known})
+
+
+class RunLockedError(RuntimeError):
+    """Raised when another process is training into the same run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` while the block runs.
+
+    The lock is a file next to the folder (``.NAME.lock``), so that replacing the folder does
+    not drop it. The operating system releases it when the process ends, even after SIGKILL.
+    """
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise RunLockedError(
+                f"another loratune process (pid {owner}) is training into {run_dir}; wait for it to "
+                "finish or choose another train.output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -247,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _input_errors() -> tuple[type[Exception], ...]:
     from loratune.models.loading import ModelLoadError
+    from loratune.runs import RunLockedError
     from loratune.train.recipe import OutputDirError
 
-    return ModelLoadError, OutputDirError
+    return ModelLoadError, OutputDirError, RunLockedError
 
 
 def _run_errors() -> tuple[type[Exception], ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from loratune.runs import (
     LOG_DIR,
     TRAIN_LOG_FILE,
     RunInfo,
+    run_lock,
     save_run_info,
     write_json_atomic,
     write_text_atomic,
@@ -207,8 +209,19 @@ def build_trainer(
 
 
 def train(config: RunConfig, resume: bool = False) -> Path:
-    """Fine-tune with LoRA as ``config`` describes; return the run folder."""
+    """Fine-tune with LoRA as ``config`` describes; return the run folder.
+
+    The main process holds a lock on the run folder, so a second run into it fails at once.
+    Under a distributed launcher every process calls this, and only rank 0 takes the lock.
+    """
     run_dir = Path(config.train.output_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(config, run_dir, resume)
+    with run_lock(run_dir):
+        return _train(config, run_dir, resume)
+
+
+def _train(config: RunConfig, run_dir: Path, resume: bool) -> Path:
     check_output_dir(run_dir, resume, config.train.overwrite_output_dir)
     checkpoint, changed = prepare_resume(run_dir, config) if resume else (None, [])
     run_dir.mkdir(parents=True, exist_ok=True)
