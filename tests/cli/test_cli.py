@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -85,3 +88,12 @@ def test_keys_lists_every_recipe_key(capsys):
             assert f"  {section}.{name}  [" in output
     assert "  train.learning_rate  [float, default 0.0003]\n      Peak AdamW learning rate. (> 0)\n" in output
     assert "  lora.dropout  [float, default 0.05]\n      Dropout probability on the LoRA input. (>= 0, < 1)\n" in output
+
+
+def test_progress_bars_slow_down_without_terminal():
+    # A child process whose stderr is a pipe, so that tqdm is first imported after setup_logging.
+    code = ("import io; from loratune.cli.main import setup_logging; setup_logging(False); "
+            "from tqdm import tqdm; print(tqdm(total=1, file=io.StringIO()).mininterval)")
+    env = {key: value for key, value in os.environ.items() if key != "TQDM_MININTERVAL"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "30.0"

@@ -97,6 +97,10 @@ def setup_logging(debug: bool) -> None:
         datefmt="%H:%M:%S",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():
+        # Progress bars written to a file or pipe update every 30 s instead of many times a
+        # second. tqdm reads the variable when it is first imported.
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     # rouge-score logs "Using default tokenizer." through absl for every scorer it builds.
     logging.getLogger("absl").setLevel(logging.DEBUG if debug else logging.WARNING)
     # peft 0.21 reads a transformers attribute that transformers 5 deprecated; the warning
