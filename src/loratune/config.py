@@ -339,7 +339,9 @@ def describe_keys() -> list[tuple[str, str, str, str]]:
                 annotation = field.annotation.__name__
             default = field.default_factory() if field.default_factory else field.default
             limits = ", ".join(_describe_limit(item) for item in field.metadata)
-            description = " ".join(filter(None, [field.description, f"({limits})" if limits else ""]))
+            description = field.description or ""
+            if limits:
+                description = f"{description} ({limits})".strip()
             rows.append((f"{section}.{name}", annotation, repr(default), description))
     return rows
 

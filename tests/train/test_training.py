@@ -135,6 +135,6 @@ def test_low_memory_allocator_switch(tiny_llama_dir, tmp_path, monkeypatch):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_low_memory_allocator_applies_on_glibc():
     # A child process, so that the test session keeps glibc's default allocator settings.
-    code = "from loratune.train.recipe import use_low_memory_allocator as f; print(f())"
+    code = "from loratune.train.memory import use_low_memory_allocator as f; print(f())"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ("True" if platform.libc_ver()[0] == "glibc" else "False")

@@ -118,7 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     from loratune.evaluate.pipeline import evaluate_run
     from loratune.evaluate.runner import format_comparison
-    from loratune.train.recipe import release_memory, train
+    from loratune.train.memory import release_memory
+    from loratune.train.recipe import train
 
     run_dir = train(config, resume=args.resume)
     release_memory()
@@ -133,7 +134,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from loratune.cli.quickstart import describe_source, quickstart_config
     from loratune.evaluate.pipeline import evaluate_run
     from loratune.evaluate.runner import format_comparison
-    from loratune.train.recipe import release_memory, train
+    from loratune.train.memory import release_memory
+    from loratune.train.recipe import train
 
     config = quickstart_config(args.data, args.output, args.overrides)
     logger.info("Quickstart data: %s", describe_source(config.data.source))

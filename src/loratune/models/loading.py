@@ -146,11 +146,8 @@ def check_weight_files(folder: Path) -> None:
             f"{folder} has a config.json but no weights (model.safetensors or pytorch_model.bin); "
             "copy the complete folder written by save_pretrained"
         )
-    logger.warning(
-        "%s has only pickle weights (%s); loading them unpickles the file. Load only files you "
-        "trust, or convert them once with save_pretrained, which writes safetensors.",
-        folder, ", ".join(pickles),
-    )
+    _warn_pickle_weights(folder, pickles, "Load only files you trust, or convert them once with "
+                         "save_pretrained, which writes safetensors.")
 
 
 def warn_if_pickled_adapter(adapter_dir: Path) -> None:
@@ -159,11 +156,13 @@ def warn_if_pickled_adapter(adapter_dir: Path) -> None:
     if (adapter_dir / "adapter_model.safetensors").is_file():
         return
     if (adapter_dir / "adapter_model.bin").is_file():
-        logger.warning(
-            "%s has only pickle weights (adapter_model.bin); loading them unpickles the file. "
-            "Load only adapters you trust; loratune itself saves adapters as safetensors.",
-            adapter_dir,
-        )
+        _warn_pickle_weights(adapter_dir, ["adapter_model.bin"], "Load only adapters you trust; "
+                             "loratune itself saves adapters as safetensors.")
+
+
+def _warn_pickle_weights(folder: Path, pickles: list[str], advice: str) -> None:
+    logger.warning("%s has only pickle weights (%s); loading them unpickles the file. %s",
+                   folder, ", ".join(pickles), advice)
 
 
 def detect_family(config: PretrainedConfig) -> str:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +41,7 @@ from loratune.train.checkpoints import (
     trim_train_log,
 )
 from loratune.train.data import PreparedData, model_max_length, prepare_training_data
+from loratune.train.memory import use_low_memory_allocator
 from loratune.train.packing import PackingCollator
 from loratune.train.trainer import LoraTrainer, MetricsLogCallback, PadCollator
 
@@ -357,38 +355,3 @@ def save_adapter(trainer: LoraTrainer, loaded: LoadedModel, run_dir: Path) -> No
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-# mallopt parameter number of M_MMAP_THRESHOLD in glibc's malloc.h.
-_M_MMAP_THRESHOLD = -3
-
-
-def use_low_memory_allocator(threshold: int = 4 * 1024 * 1024) -> bool:
-    """Make glibc map blocks of ``threshold`` bytes and more on their own, and unmap them when freed.
-
-    By default glibc keeps freed activation memory in its heaps and fragments it, so resident
-    memory stays far above the live tensors. Unmapped blocks leave no such reserve, but the
-    kernel zeroes their pages again on every step. Returns False where this libc lacks mallopt.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):  # a libc other than glibc, e.g. musl
-        return False
-
-
-def release_memory() -> None:
-    """Return the memory that a finished training run left behind to the operating system.
-
-    Trainer objects form reference cycles, so they are freed only when the garbage collector
-    runs. glibc then keeps the freed heap mapped (several GB after SmolLM2 training). That
-    memory adds to the peak of an evaluation in the same process, so ``malloc_trim`` returns
-    it.
-    """
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # a libc other than glibc, e.g. musl
-            pass
