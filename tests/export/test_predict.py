@@ -207,8 +207,8 @@ def test_sigint_leaves_valid_partial_file(llama_run, tmp_path):
     command = [sys.executable, "-m", "loratune.cli.main", "predict", str(llama_run), "--input", str(source),
                "--output", str(output), "--batch-size", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    # A background job of a non-interactive shell starts with SIGINT ignored, and Python then
-    # raises no KeyboardInterrupt; the child gets the default action back before it starts.
+    # A background job of a non-interactive shell starts with SIGINT ignored, so Python would
+    # raise no KeyboardInterrupt. The child therefore gets the default action back first.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                preexec_fn=_default_sigint)
     partial = partial_path(output)

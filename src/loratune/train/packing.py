@@ -9,7 +9,7 @@ row, first-fit decreasing, no row longer than the micro-batch's longest example.
 restart at 0 for every example, and the batch carries no ``attention_mask``. From those
 position ids transformers 5.25 builds a causal mask that is block-diagonal over the examples
 for the eager and SDPA attention kernels (``masking_utils.find_packed_sequence_indices``), as
-long as no KV cache is passed. The micro-batch holds the same examples and label tokens as
+long as no KV cache is passed. The micro-batch contains the same examples and label tokens as
 without packing, so the loss is the same up to float rounding, but fewer pad tokens go
 through the model.
 
