@@ -1,14 +1,18 @@
 """Evaluation throughput: loratune's batched generation against one example at a time.
 
-    .venv/bin/python benchmarks/eval_throughput.py [--models smollm2 t5-tiny] [--examples 48]
+    .venv/bin/python benchmarks/eval_throughput.py [--models smollm2 t5-tiny t5-small] [--examples 48]
 
 Both sides run greedy decoding on the same SAMSum test prompts with the same model, each in a
 child process of its own. The baseline calls ``generate`` once per example
 (benchmarks/baseline.py). loratune calls ``loratune.evaluate.generation.generate`` with the
 recipe's generation settings (length-sorted batches, left padding for causal models, KV
-cache). The model carries a LoRA adapter with the recipe's settings, as an evaluated run
-does; PEFT initialises its B matrices to zero, so the text is the base model's. Reported:
-generated tokens/s, examples/s, peak RSS, ROUGE of both sides, and how many texts differ.
+cache) on the model as its evaluation loads it, with the adapter merged into the weights.
+The baseline keeps the adapter as a separate PEFT layer, as the reference recipe does.
+
+The adapter comes from a trained run folder (``--run``, for example the quickstart's output),
+or else is a fresh one with the recipe's settings; PEFT initialises its B matrices to zero,
+so a fresh adapter leaves the text the base model's. Reported: generated tokens/s,
+examples/s, peak RSS, ROUGE of both sides, and how many texts differ.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ MODELS = {
     # model key: (recipe in configs/, default number of test examples)
     "smollm2": ("smollm2-samsum.yaml", 48),
     "t5-tiny": ("flan-t5-base-samsum.yaml", 48),
+    "t5-small": ("flan-t5-base-samsum.yaml", 48),
 }
-# The tiny T5 has random weights: it generates its pad token (the decoder start token)
-# until max_new_tokens, so it measures decoding speed but not text or ROUGE.
+# The T5 models have random weights: each generates its pad token (the decoder start token)
+# until max_new_tokens, so they measure decoding speed but not text or ROUGE.
 DEFAULT_MODELS = ["smollm2"]
 SIDES = ["baseline", "loratune"]
 
@@ -54,17 +59,31 @@ def load_with_adapter(config):
     return loaded
 
 
+def load_side_model(spec: dict, config):
+    """Return (loaded model, prompt format): unmerged for the baseline, merged for loratune."""
+    from loratune.data.formatting import PromptFormat
+    from loratune.models.inference import load_run_for_inference
+
+    merge = spec["side"] != "baseline"
+    if spec.get("run"):
+        loaded = load_run_for_inference(Path(spec["run"]), merge=merge)
+        return loaded, loaded.prompt
+    loaded = load_with_adapter(config)
+    if merge:
+        loaded.model = loaded.model.merge_and_unload()
+    return loaded, PromptFormat.for_tokenizer(loaded.family, config.data.prompt, loaded.tokenizer)
+
+
 def run_side(spec: dict) -> None:
     from loratune.config import build_config
-    from loratune.data.formatting import PromptFormat, encode_prompt
+    from loratune.data.formatting import encode_prompt
     from loratune.data.loading import load_split
     from loratune.evaluate.generation import generate
 
     import baseline
 
     config = build_config(spec["config"])
-    loaded = load_with_adapter(config)
-    fmt = PromptFormat.for_tokenizer(loaded.family, config.data.prompt, loaded.tokenizer)
+    loaded, fmt = load_side_model(spec, config)
     examples, _ = load_split(config.data, "test", spec["examples"])
     prompts = [encode_prompt(loaded.tokenizer, fmt, ex.text, config.data.max_source_length)[0] for ex in examples]
 
@@ -151,35 +170,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=DEFAULT_MODELS)
     parser.add_argument("--examples", type=int, help="test examples per model (default: per model)")
-    parser.add_argument("--threads", type=int, help="torch threads in every process (default: one per core)")
-    parser.add_argument("--json", type=Path, help="also write all measurements to this file")
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--run", type=Path, help="trained run folder whose adapter both sides load (smollm2 only)")
+    harness.add_process_arguments(parser)
     args = parser.parse_args(argv)
     if args.child:
-        spec = json.loads(args.child.read_text())
-        harness.set_threads(spec.get("threads"))
+        spec = harness.read_child_spec(args.child)
         run_side(spec)
         return 0
 
-    harness.set_threads(args.threads)
-    source = harness.samsum_source()
-    print(f"Machine: {harness.machine_description()}")
-    print(f"Data: {source}\n")
+    source = harness.start_parent(args.threads)
+    print(f"Adapter: {args.run or 'fresh, B = 0'}\n")
     all_results = {"machine": harness.machine_description(), "source": source, "models": {}}
     with tempfile.TemporaryDirectory(prefix="loratune-bench-model-") as folder:
         for model_key in args.models:
             recipe, default_examples = MODELS[model_key]
             count = args.examples or default_examples
             model_path, max_source = None, None
-            if model_key == "t5-tiny":
-                rows = harness.load_rows(source, "train", 2000)
-                texts = [row["text"] for row in rows] + [row["references"][0] for row in rows]
-                model_path = str(harness.build_tiny_t5(Path(folder) / "t5-tiny", texts))
+            if model_key in harness.T5_SHAPES:
+                model_path = harness.t5_for_benchmark(model_key, source, Path(folder))
                 max_source = 512
             config = side_config(recipe, model_path, source, count, max_source)
             results = {}
             for side in SIDES:
                 spec = {"side": side, "config": config, "examples": count, "threads": args.threads}
+                if args.run and model_key == "smollm2":
+                    spec["run"] = str(args.run.resolve())
                 results[side] = harness.run_child(Path(__file__), spec, f"{model_key} {side}")
             all_results["models"][model_key] = results
             max_new = config.get("generation", {}).get("max_new_tokens", 64)

@@ -47,6 +47,32 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def add_process_arguments(parser, json_output: bool = True) -> None:
+    """Add the options every benchmark script takes: --threads, --json and the hidden --child."""
+    import argparse
+
+    parser.add_argument("--threads", type=int, help="torch threads in every process (default: one per core)")
+    if json_output:
+        parser.add_argument("--json", type=Path, help="also write all measurements to this file")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+
+
+def read_child_spec(path: Path) -> dict:
+    """Load the spec a child process runs from and apply its thread count."""
+    spec = json.loads(Path(path).read_text())
+    set_threads(spec.get("threads"))
+    return spec
+
+
+def start_parent(threads: int | None) -> str:
+    """Apply the thread count, print the machine and data lines, and return the SAMSum source."""
+    set_threads(threads)
+    source = samsum_source()
+    print(f"Machine: {machine_description()}")
+    print(f"Data: {source}")
+    return source
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -138,12 +164,23 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(lines)
 
 
-def build_tiny_t5(folder: Path, texts: Sequence[str], vocab_size: int = 8000, seed: int = 0) -> Path:
-    """Write a small random T5 and a BPE tokenizer trained on ``texts`` to ``folder``.
+# Random T5 models built in code, since no pretrained T5 can be downloaded offline.
+# "t5-tiny" is small enough to train in seconds. "t5-small" copies FLAN-T5-small's layer
+# shapes (gated-GELU feed-forward, 32,128-way output layer), so its matmuls are those of a
+# real checkpoint; the tokenizer still has 8,000 tokens. Both keep the original T5's scaling
+# of the decoder output: FLAN-T5 turns it off, which with random weights would start the loss
+# near 140 instead of near ln(vocabulary size).
+T5_SHAPES = {
+    "t5-tiny": dict(d_model=256, d_ff=1024, d_kv=32, num_heads=8, num_layers=4, num_decoder_layers=4),
+    "t5-small": dict(
+        d_model=512, d_ff=1024, d_kv=64, num_heads=6, num_layers=8, num_decoder_layers=8,
+        feed_forward_proj="gated-gelu", vocab_size=32128,
+    ),
+}
 
-    The tokenizer is trained here because no T5 tokenizer can be downloaded offline. The model
-    has 4 encoder and 4 decoder layers of width 256: 9.4 M parameters with an 8,000-token vocabulary.
-    """
+
+def build_t5(shape: str, folder: Path, texts: Sequence[str], vocab_size: int = 8000, seed: int = 0) -> Path:
+    """Write a random T5 of ``T5_SHAPES[shape]`` and a BPE tokenizer trained on ``texts`` to ``folder``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
@@ -160,21 +197,23 @@ def build_tiny_t5(folder: Path, texts: Sequence[str], vocab_size: int = 8000, se
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
     torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=256,
-        d_ff=1024,
-        d_kv=32,
-        num_heads=8,
-        num_layers=4,
-        num_decoder_layers=4,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
+    config = T5Config(**{
+        "vocab_size": len(tokenizer),
+        **T5_SHAPES[shape],
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.pad_token_id,
+    })
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def t5_for_benchmark(shape: str, source: str, folder: Path) -> str:
+    """Build the ``shape`` T5 in ``folder``, its tokenizer trained on 2,000 training rows of ``source``."""
+    rows = load_rows(source, "train", 2000)
+    texts = [row["text"] for row in rows] + [row["references"][0] for row in rows]
+    return str(build_t5(shape, Path(folder) / shape, texts))
 
 
 def load_rows(source: str, split: str, limit: int) -> list[dict]:

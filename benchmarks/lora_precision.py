@@ -12,7 +12,6 @@ the frozen layer in bf16, whose 8-bit mantissa rounds the small early updates aw
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -34,19 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-source-length", type=int, default=256, help="shorter than the recipe, to run faster")
     parser.add_argument("--heldout", type=int, default=24, help="validation rows for the held-out loss")
-    parser.add_argument("--threads", type=int, help="torch threads in every process (default: one per core)")
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    harness.add_process_arguments(parser, json_output=False)
     args = parser.parse_args(argv)
     if args.child:
-        spec = json.loads(args.child.read_text())
-        harness.set_threads(spec.get("threads"))
+        spec = harness.read_child_spec(args.child)
         train_throughput.run_side(spec)
         return 0
 
-    harness.set_threads(args.threads)
-    source = harness.samsum_source()
-    print(f"Machine: {harness.machine_description()}")
-    print(f"Data: {source}\n")
+    source = harness.start_parent(args.threads)
+    print()
     results = {}
     with tempfile.TemporaryDirectory(prefix="loratune-bench-precision-") as folder:
         for variant, (side, fp32_branch) in VARIANTS.items():

@@ -1,6 +1,6 @@
 """Model FLOPs utilization of loratune training in fp32 and bf16, with the peak measured here.
 
-    .venv/bin/python benchmarks/mfu.py [--model smollm2] [--steps 6]
+    .venv/bin/python benchmarks/mfu.py [--model smollm2|t5-tiny|t5-small] [--steps 6]
 
 MFU = useful training FLOPs per second / peak matmul rate. benchmarks/flops.py counts the
 useful FLOPs from the model's linear layers and the real tokens. It counts 4 FLOPs per frozen
@@ -24,6 +24,8 @@ import harness  # noqa: E402
 import train_throughput  # noqa: E402
 
 SIDES = ["loratune-fp32", "loratune"]
+# Ops that only move or convert data; under autocast they include every cast to bf16.
+COPY_OPS = ("aten::copy_", "aten::_to_copy", "aten::clone")
 
 
 def flop_check(spec: dict) -> None:
@@ -100,31 +102,41 @@ def profile_step(spec: dict) -> None:
     step()  # warm-up
     with torch.profiler.profile() as profiler:
         step()
-    kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    kinds = {"matmul": 0.0, "attention": 0.0, "copy": 0.0, "other": 0.0}
     for event in profiler.key_averages():
         name = event.key
         if name in ("aten::mm", "aten::addmm", "aten::bmm"):
             kinds["matmul"] += event.self_cpu_time_total
         elif "scaled_dot_product" in name:
             kinds["attention"] += event.self_cpu_time_total
+        elif name in COPY_OPS:
+            kinds["copy"] += event.self_cpu_time_total
         else:
             kinds["other"] += event.self_cpu_time_total
     total = sum(kinds.values())
     harness.write_result(spec, {kind: value / total for kind, value in kinds.items()} | {"seconds": total / 1e6})
 
 
+def check_line(check: dict) -> str:
+    """Describe the FlopCounterMode count against the formula."""
+    return (
+        f"\nFlopCounterMode on one example ({check['tokens']} tokens, {check['label_tokens']} label tokens): "
+        f"{check['counted'] / 1e9:.2f} GFLOP counted; the formula's linear part gives "
+        f"{check['formula_linear'] / 1e9:.2f} GFLOP ({check['counted'] / check['formula_linear'] - 1:+.1%}), "
+        f"and its attention part adds {check['formula_attention'] / 1e9:.2f} GFLOP, which FlopCounterMode "
+        "does not count for the CPU attention kernel."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["smollm2"], default="smollm2")
+    parser.add_argument("--model", choices=["smollm2", *harness.T5_SHAPES], default="smollm2")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per precision")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, help="torch threads in every process (default: one per core)")
-    parser.add_argument("--json", type=Path, help="also write all measurements to this file")
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    harness.add_process_arguments(parser)
     args = parser.parse_args(argv)
     if args.child:
-        spec = json.loads(args.child.read_text())
-        harness.set_threads(spec.get("threads"))
+        spec = harness.read_child_spec(args.child)
         if spec["side"] == "flop-check":
             flop_check(spec)
         elif spec["side"] == "profile":
@@ -133,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             train_throughput.run_side(spec)
         return 0
 
-    harness.set_threads(args.threads)
-    source = harness.samsum_source()
-    print(f"Machine: {harness.machine_description()}")
-    print(f"Data: {source}\n")
+    source = harness.start_parent(args.threads)
+    print()
     recipe, _ = train_throughput.MODELS[args.model]
 
     # Matmul rates of the shapes that harness.peak_matmul_gflops takes the best of.
@@ -148,14 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     print("Matmul rate (GFLOP/s, best of repeated runs); the peak is the best of each column:\n")
     print(harness.format_table(["matmul", "fp32", "bf16", "bf16 / fp32"], rows) + "\n")
 
-    results = {}
+    results, check = {}, None
     with tempfile.TemporaryDirectory(prefix="loratune-bench-mfu-") as folder:
+        model_path, lengths = None, None
+        if args.model in harness.T5_SHAPES:
+            model_path = harness.t5_for_benchmark(args.model, source, Path(folder))
+            lengths = train_throughput.fixed_lengths(recipe, model_path, source, args.steps * args.batch_size)
         for side in SIDES:
-            config = train_throughput.side_config(recipe, None, source, args.steps, args.batch_size, None, side, f"{folder}/run")
+            config = train_throughput.side_config(
+                recipe, model_path, source, args.steps, args.batch_size, lengths, side, f"{folder}/run")
             spec = {"side": side, "config": config, "heldout": 1, "threads": args.threads}
             results[side] = harness.run_child(Path(__file__), spec, f"{args.model} {side}")
-        config = train_throughput.side_config(recipe, None, source, 1, 1, None, "loratune-fp32", f"{folder}/check")
-        check = harness.run_child(Path(__file__), {"side": "flop-check", "config": config, "threads": args.threads}, "FlopCounterMode check")
+        config = train_throughput.side_config(recipe, model_path, source, 1, 1, lengths, "loratune-fp32", f"{folder}/check")
+        if model_path is None:  # the check follows the causal loss; the T5 models skip it
+            spec = {"side": "flop-check", "config": config, "threads": args.threads}
+            check = harness.run_child(Path(__file__), spec, "FlopCounterMode check")
         profiles = {}
         for precision in ("fp32", "bf16"):
             spec = {"side": "profile", "precision": precision, "config": config, "threads": args.threads}
@@ -169,17 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         table.append([side, result["precision"], result["useful_flops"] / 1e12, seconds, achieved, peak, f"{achieved / peak:.1%}"])
     print(harness.format_table(
         ["side", "precision", "useful TFLOP", "training loop (s)", "achieved GFLOP/s", "peak GFLOP/s", "MFU"], table))
-    print(
-        f"\nFlopCounterMode on one example ({check['tokens']} tokens, {check['label_tokens']} label tokens): "
-        f"{check['counted'] / 1e9:.2f} GFLOP counted; the formula's linear part gives "
-        f"{check['formula_linear'] / 1e9:.2f} GFLOP ({check['counted'] / check['formula_linear'] - 1:+.1%}), "
-        f"and its attention part adds {check['formula_attention'] / 1e9:.2f} GFLOP, which FlopCounterMode "
-        "does not count for the CPU attention kernel."
-    )
+    if check:
+        print(check_line(check))
     print("\nSelf CPU time of one training step on the first 8 training rows, by op kind (torch.profiler):\n")
     print(harness.format_table(
-        ["precision", "step (s)", "matmul (mm, addmm, bmm)", "attention kernel", "everything else"],
-        [[p, r["seconds"], f"{r['matmul']:.0%}", f"{r['attention']:.0%}", f"{r['other']:.0%}"] for p, r in profiles.items()],
+        ["precision", "step (s)", "matmul (mm, addmm, bmm)", "attention kernel", "copies and casts", "everything else"],
+        [[p, r["seconds"], *(f"{r[kind]:.0%}" for kind in ("matmul", "attention", "copy", "other"))]
+         for p, r in profiles.items()],
     ))
     end = {dtype: harness.peak_matmul_gflops(dtype) for dtype in ("fp32", "bf16")}
     print(f"Peak matmul at end: fp32 {end['fp32']:.0f} GFLOP/s, bf16 {end['bf16']:.0f} GFLOP/s; "

@@ -1,6 +1,6 @@
 """Training throughput of loratune against the reference recipe, side by side in one run.
 
-    .venv/bin/python benchmarks/train_throughput.py [--models smollm2 t5-tiny] [--steps 10]
+    .venv/bin/python benchmarks/train_throughput.py [--models smollm2 t5-tiny t5-small] [--steps 10]
 
 For each model, three sides train LoRA for the same number of optimizer steps on the same
 SAMSum training rows, each in a child process of its own. The sides are the baseline
@@ -30,6 +30,7 @@ MODELS = {
     # model key: (recipe in configs/, default optimizer steps)
     "smollm2": ("smollm2-samsum.yaml", 8),
     "t5-tiny": ("flan-t5-base-samsum.yaml", 24),
+    "t5-small": ("flan-t5-base-samsum.yaml", 24),
 }
 SIDES = {
     # side: (implementation, train.precision)
@@ -305,20 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps for every model (default: per model)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
     parser.add_argument("--heldout", type=int, default=16, help="validation rows for the held-out loss")
-    parser.add_argument("--threads", type=int, help="torch threads in every process (default: one per core)")
-    parser.add_argument("--json", type=Path, help="also write all measurements to this file")
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    harness.add_process_arguments(parser)
     args = parser.parse_args(argv)
     if args.child:
-        spec = json.loads(args.child.read_text())
-        harness.set_threads(spec.get("threads"))
+        spec = harness.read_child_spec(args.child)
         run_side(spec)
         return 0
 
-    harness.set_threads(args.threads)
-    source = harness.samsum_source()
-    print(f"Machine: {harness.machine_description()}")
-    print(f"Data: {source}")
+    source = harness.start_parent(args.threads)
     peaks = {name: harness.peak_matmul_gflops(name) for name in ("fp32", "bf16")}
     print(f"Peak matmul at start: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s\n")
 
@@ -328,10 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe, default_steps = MODELS[model_key]
             steps = args.steps or default_steps
             model_path = None
-            if model_key == "t5-tiny":
-                texts = [row["text"] for row in harness.load_rows(source, "train", 2000)]
-                texts += [row["references"][0] for row in harness.load_rows(source, "train", 2000)]
-                model_path = str(harness.build_tiny_t5(Path(folder) / "t5-tiny", texts))
+            if model_key in harness.T5_SHAPES:
+                model_path = harness.t5_for_benchmark(model_key, source, Path(folder))
             lengths = fixed_lengths(recipe, model_path, source, steps * args.batch_size) if model_path else None
             results = {}
             for side in args.sides:

@@ -171,7 +171,12 @@ class GenerationSettings(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
     repetition_penalty: float = Field(1.0, gt=0, description="Penalty on repeated tokens; 1 is none.")
-    batch_size: int = Field(16, gt=0, description="Examples per generate() call.")
+    batch_size: int = Field(16, gt=0, description="Max examples per generate() call.")
+    batch_tokens: int | None = Field(
+        None, gt=0,
+        description="Max prompt tokens per generate() call, padding included; short prompts then "
+        "share larger batches, up to batch_size (none: always batch_size).",
+    )
 
 
 class EvalConfig(_Section):

@@ -1,4 +1,4 @@
-"""Batched generation: same greedy text as one prompt at a time, caller order, OOM fallback."""
+"""Batched generation: same greedy text as one prompt at a time, caller order, token budget, OOM fallback."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from loratune.config import DataConfig, GenerationSettings
 from loratune.data.formatting import PromptFormat, encode_prompt
 from loratune.data.loading import load_split
-from loratune.evaluate.generation import generate
+from loratune.evaluate.generation import generate, plan_batches
 
 FAMILIES = [("tiny_llama_dir", "causal"), ("tiny_llama_plain_dir", "causal"), ("tiny_t5_dir", "seq2seq")]
 
@@ -52,6 +52,63 @@ def test_results_follow_caller_order(request, fixture, family):
     assert [item.prompt_tokens for item in results] == [len(ids) for ids in prompts]
 
 
+def test_plan_batches_within_limits():
+    lengths = [100, 12, 7, 100, 55, 9, 30, 100, 8, 11, 10, 64, 13, 7, 6, 5]
+    batches = plan_batches(lengths, batch_size=6, batch_tokens=200)
+
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    longest = [max(lengths[i] for i in batch) for batch in batches]
+    assert longest == sorted(longest, reverse=True)
+    for batch, width in zip(batches, longest):
+        assert len(batch) <= 6
+        assert len(batch) == 1 or len(batch) * width <= 200
+    # Longest first: 100-token prompts in pairs, 55 with two shorter, 12 and below fill 6 rows.
+    assert [len(batch) for batch in batches] == [2, 2, 3, 6, 3]
+
+
+def test_plan_batches_row_limit_only():
+    batches = plan_batches([5, 50, 500, 5, 50], batch_size=2)
+    assert batches == [[2, 1], [4, 0], [3]]
+
+
+def test_plan_batches_overlong_prompt_alone():
+    assert plan_batches([900, 10], batch_size=4, batch_tokens=100) == [[0], [1]]
+
+
+class RecordingModel:
+    """Wrap a model and record the rows of every generate() call."""
+
+    def __init__(self, model):
+        self.model = model
+        self.batch_sizes: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, input_ids, **kwargs):
+        self.batch_sizes.append(input_ids.shape[0])
+        return self.model.generate(input_ids=input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("fixture, family", FAMILIES)
+def test_token_budget_matches_unbatched(request, fixture, family):
+    model, tokenizer = load(request.getfixturevalue(fixture), family)
+    prompts = demo_prompts(tokenizer, family)
+    # Keep only the ends of half the prompts, so the lengths spread widely.
+    prompts = prompts[:6] + [ids[-(8 + 3 * i):] for i, ids in enumerate(prompts[6:])]
+    single = generate(model, tokenizer, prompts, family, GenerationSettings(max_new_tokens=12, batch_size=1))
+    budget = 2 * max(len(ids) for ids in prompts)
+    settings = GenerationSettings(max_new_tokens=12, batch_size=12, batch_tokens=budget)
+    recorder = RecordingModel(model)
+    budgeted = generate(recorder, tokenizer, prompts, family, settings)
+
+    expected = plan_batches([len(ids) for ids in prompts], 12, budget)
+    assert recorder.batch_sizes == [len(batch) for batch in expected]
+    assert len(set(recorder.batch_sizes)) > 1, "short prompts must share larger batches"
+    assert [item.text for item in budgeted] == [item.text for item in single]
+    assert [item.new_tokens for item in budgeted] == [item.new_tokens for item in single]
+
+
 def test_left_padding_keeps_next_token_logits(tiny_llama_dir):
     """What greedy equality rests on: padding changes the logits by float rounding only."""
     model, tokenizer = load(tiny_llama_dir, "causal")
@@ -67,22 +124,18 @@ def test_left_padding_keeps_next_token_logits(tiny_llama_dir):
     torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
 
 
-class OutOfMemoryAbove:
+class OutOfMemoryAbove(RecordingModel):
     """Wrap a model so generate() fails like CUDA does for batches above ``limit`` rows."""
 
     def __init__(self, model, limit: int):
-        self.model = model
+        super().__init__(model)
         self.limit = limit
-        self.batch_sizes: list[int] = []
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
 
     def generate(self, input_ids, **kwargs):
-        self.batch_sizes.append(input_ids.shape[0])
         if input_ids.shape[0] > self.limit:
+            self.batch_sizes.append(input_ids.shape[0])
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return self.model.generate(input_ids=input_ids, **kwargs)
+        return super().generate(input_ids, **kwargs)
 
 
 def test_out_of_memory_halves_batch_size(tiny_llama_dir, caplog):

@@ -16,7 +16,12 @@ from loratune.data.loading import DEMO_DIR, read_rows
 from loratune.evaluate.generation import _pad_batch
 from loratune.evaluate.pipeline import evaluate_run, run_config
 from loratune.export.merge import MergeError, merge_run
-from loratune.models.inference import load_base_for_inference, load_for_inference, read_merge_record
+from loratune.models.inference import (
+    load_base_for_inference,
+    load_for_inference,
+    load_run_for_inference,
+    read_merge_record,
+)
 from loratune.runs import CONFIG_FILE, INFO_FILE
 
 
@@ -40,7 +45,7 @@ def _logits(loaded, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("run_fixture", ["llama_run", "t5_run"])
 def test_merged_logits_match_adapter(run_fixture, request, tmp_path):
     run_dir = request.getfixturevalue(run_fixture)
-    with_adapter = load_for_inference(str(run_dir))
+    with_adapter = load_run_for_inference(run_dir, merge=False)
     batch = _demo_batch(with_adapter)
     expected = _logits(with_adapter, batch)
     base = load_base_for_inference(ModelConfig(name_or_path=with_adapter.base_model), "{text}", None)
@@ -55,6 +60,19 @@ def test_merged_logits_match_adapter(run_fixture, request, tmp_path):
     # The adapter must matter, or equal logits would prove nothing.
     assert (expected - base_logits).abs().max() > 1e-2
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("run_fixture", ["llama_run", "t5_run"])
+def test_inference_merges_in_memory(run_fixture, request):
+    run_dir = request.getfixturevalue(run_fixture)
+    unmerged = load_run_for_inference(run_dir, merge=False)
+    merged = load_run_for_inference(run_dir)
+    batch = _demo_batch(unmerged)
+
+    assert any("lora_" in name for name, _ in unmerged.model.named_parameters())
+    assert not any("lora_" in name for name, _ in merged.model.named_parameters())
+    assert merged.adapter == unmerged.adapter
+    torch.testing.assert_close(_logits(merged, batch), _logits(unmerged, batch), atol=1e-5, rtol=1e-5)
 
 
 def test_merged_folder_contents(llama_run, tmp_path):

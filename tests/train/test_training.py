@@ -42,7 +42,7 @@ def test_training_changes_only_lora_weights(fixture, request, tmp_path):
 
     from loratune.models.inference import load_run_for_inference
 
-    loaded = load_run_for_inference(run_dir)
+    loaded = load_run_for_inference(run_dir, merge=False)
     model_class = AutoModelForSeq2SeqLM if loaded.family == "seq2seq" else AutoModelForCausalLM
     original = model_class.from_pretrained(model_dir).state_dict()
     base = loaded.model.get_base_model()

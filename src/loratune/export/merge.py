@@ -67,9 +67,9 @@ def merge_run(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path | N
             "float32 base %s instead, because merging into quantized weights loses quality.",
             info.quantization, info.base_model,
         )
-    loaded = load_run_for_inference(run_dir, dtype=torch.float32)
-    logger.info("Merging %s into %s", loaded.adapter, info.base_model)
-    merged = loaded.model.merge_and_unload()
+    logger.info("Merging %s into %s", run_dir / ADAPTER_DIR, info.base_model)
+    loaded = load_run_for_inference(run_dir, dtype=torch.float32, merge=True)
+    merged = loaded.model
 
     # Store the run's decoding settings as the model's defaults, so tools that read
     # generation_config.json (transformers pipelines, vLLM) decode as loratune evaluated.

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from loratune.config import GenerationSettings
 from loratune.data.formatting import encode_prompt
 from loratune.data.loading import DataError, clean_text, read_rows
-from loratune.evaluate.generation import generate
+from loratune.evaluate.generation import generate, plan_batches
 from loratune.models.inference import InferenceModel
 from loratune.runs import write_text_atomic
 
@@ -151,11 +151,11 @@ def _generate_pending(
         ids, cut = encode_prompt(loaded.tokenizer, loaded.prompt, row.text, loaded.max_source_length)
         prompts[row.id] = (ids, cut)
         truncated += cut
-    # Longest first, as evaluation orders them, so a full run forms the same batches as
-    # `loratune evaluate` with the same batch size and greedy decoding gives the same text.
-    order = sorted(pending, key=lambda row: len(prompts[row.id][0]), reverse=True)
-    for start in range(0, len(order), settings.batch_size):
-        batch = order[start : start + settings.batch_size]
+    # The batches evaluation forms, so a full run with the same generation settings and
+    # greedy decoding gives the same text as `loratune evaluate`.
+    lengths = [len(prompts[row.id][0]) for row in pending]
+    for indices in plan_batches(lengths, settings.batch_size, settings.batch_tokens):
+        batch = [pending[i] for i in indices]
         outputs = generate(
             loaded.model, loaded.tokenizer, [prompts[row.id][0] for row in batch], loaded.family, settings
         )

@@ -66,11 +66,14 @@ def load_merged_for_inference(folder: Path, dtype: torch.dtype = torch.float32) 
     return InferenceModel(loaded.model, loaded.tokenizer, info.family, fmt, info.max_source_length, str(folder), None)
 
 
-def load_run_for_inference(run_dir: Path, dtype: torch.dtype = torch.float32) -> InferenceModel:
+def load_run_for_inference(run_dir: Path, dtype: torch.dtype = torch.float32, merge: bool = True) -> InferenceModel:
     """Load a run's base model in full precision with its adapter on top.
 
-    A folder written by ``loratune merge`` is loaded as it is, since the adapter is already
-    part of its weights.
+    With ``merge`` (the default) the adapter is added into the base weights in memory, so
+    generation runs the plain model. Unmerged, every adapted layer adds two small matmuls,
+    a scaling and a sum at each decoding step, and on a CPU those small operations take a
+    large share of the step. With ``merge=False`` the model stays a ``PeftModel``. A folder written by ``loratune merge``
+    is loaded as it is, since the adapter is already part of its weights.
     """
     run_dir = Path(run_dir)
     if read_merge_record(run_dir) is not None:
@@ -84,6 +87,8 @@ def load_run_for_inference(run_dir: Path, dtype: torch.dtype = torch.float32) ->
     check_adapter_matches_base(adapter_dir, loaded.model, info.base_model)
     tokenizer = load_tokenizer(str(adapter_dir), model_config_from_run(info))
     model = PeftModel.from_pretrained(loaded.model, str(adapter_dir))
+    if merge:
+        model = model.merge_and_unload()
     model.eval()
     fmt = PromptFormat(**info.prompt)
     return InferenceModel(
