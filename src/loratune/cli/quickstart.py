@@ -36,7 +36,7 @@ QUICKSTART_RECIPE: dict = {
         "logging_steps": 10,
         "save_steps": 50,
     },
-    "generation": {"max_new_tokens": 60, "batch_size": 64, "batch_tokens": 8192},
+    "generation": {"max_new_tokens": 60, "batch_size": 16},
     "eval": {"split": "test", "max_samples": 100, "compare_base": True},
 }
 
