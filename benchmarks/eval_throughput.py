@@ -12,7 +12,7 @@ The baseline keeps the adapter as a separate PEFT layer, as the reference recipe
 The adapter comes from a trained run folder (``--run``, for example the quickstart's output),
 or else is a fresh one with the recipe's settings; PEFT initialises its B matrices to zero,
 so a fresh adapter leaves the text the base model's. Reported: generated tokens/s,
-examples/s, peak RSS, ROUGE of both sides, and how many texts differ.
+examples/s, peak RSS, ROUGE of every side, and how many texts differ from the baseline's.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ MODELS = {
 # The T5 models have random weights: each generates its pad token (the decoder start token)
 # until max_new_tokens, so they measure decoding speed but not text or ROUGE.
 DEFAULT_MODELS = ["smollm2"]
-SIDES = ["baseline", "loratune"]
+# loratune-unmerged: loratune's batched generation with the adapter left as a PEFT layer.
+SIDES = ["baseline", "loratune", "loratune-unmerged"]
+DEFAULT_SIDES = ["baseline", "loratune"]
 
 
 # ----------------------------------------------------------------------------- child side
@@ -60,11 +62,11 @@ def load_with_adapter(config):
 
 
 def load_side_model(spec: dict, config):
-    """Return (loaded model, prompt format): unmerged for the baseline, merged for loratune."""
+    """Return (loaded model, prompt format), with the adapter merged on the loratune side only."""
     from loratune.data.formatting import PromptFormat
     from loratune.models.inference import load_run_for_inference
 
-    merge = spec["side"] != "baseline"
+    merge = spec["side"] == "loratune"
     if spec.get("run"):
         loaded = load_run_for_inference(Path(spec["run"]), merge=merge)
         return loaded, loaded.prompt
@@ -133,42 +135,52 @@ def side_config(recipe: str, model_path: str | None, source: str, examples: int,
 
 
 def report(model_key: str, results: dict[str, dict], max_new_tokens: int) -> str:
+    """Format one model's sides as a table; the last column is loratune over the baseline."""
     from loratune.evaluate.rouge import rouge_scores
 
+    sides = list(results)
     base, ours = results["baseline"], results["loratune"]
-    rouge = {side: rouge_scores(results[side]["texts"], results[side]["references"]) for side in SIDES}
 
-    def rates(result):
-        tokens = sum(result["new_tokens"])
-        return tokens, tokens / result["seconds"], len(result["texts"]) / result["seconds"]
+    def per_side(name, value, ratio=True):
+        values = [value(results[side]) for side in sides]
+        return [name, *values, f"{value(ours) / value(base):.2f}x" if ratio else ""]
 
-    (base_tokens, base_tps, base_eps), (our_tokens, our_tps, our_eps) = rates(base), rates(ours)
+    def new_tokens(result):
+        return sum(result["new_tokens"])
+
     rows = [
-        ["generate batch size", base["batch_size"], ours["batch_size"], ""],
-        ["examples", len(base["texts"]), len(ours["texts"]), ""],
-        ["prompt tokens", base["prompt_tokens"], ours["prompt_tokens"], ""],
-        [f"generated tokens (max {max_new_tokens} each)", base_tokens, our_tokens, ""],
-        ["generation time (s)", base["seconds"], ours["seconds"], f"{ours['seconds'] / base['seconds']:.2f}x"],
-        ["generated tokens/s", base_tps, our_tps, f"{our_tps / base_tps:.2f}x"],
-        ["examples/s", base_eps, our_eps, f"{our_eps / base_eps:.2f}x"],
-        ["peak RSS (MiB)", base["peak_rss_mb"], ours["peak_rss_mb"], f"{ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"],
+        per_side("generate batch size", lambda r: r["batch_size"], ratio=False),
+        per_side("examples", lambda r: len(r["texts"]), ratio=False),
+        per_side("prompt tokens", lambda r: r["prompt_tokens"], ratio=False),
+        per_side(f"generated tokens (max {max_new_tokens} each)", new_tokens, ratio=False),
+        per_side("generation time (s)", lambda r: r["seconds"]),
+        per_side("generated tokens/s", lambda r: new_tokens(r) / r["seconds"]),
+        per_side("examples/s", lambda r: len(r["texts"]) / r["seconds"]),
+        per_side("peak RSS (MiB)", lambda r: r["peak_rss_mb"]),
     ]
     prefill = ours["prefill_seconds"]
-    rows.append(["prompt processing alone, batched (s)", "", prefill, ""])
-    rows.append(["max speedup with that floor", "", "", f"{base['seconds'] / prefill:.2f}x"])
+    rows.append(["prompt processing alone, batched (s)", *[prefill if side == "loratune" else "" for side in sides], ""])
+    rows.append(["max speedup with that floor", *[""] * len(sides), f"{base['seconds'] / prefill:.2f}x"])
+    rouge = {side: rouge_scores(results[side]["texts"], results[side]["references"]) for side in sides}
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
-        rows.append([key, f"{rouge['baseline'][key]:.4f}", f"{rouge['loratune'][key]:.4f}", ""])
-    differ = [i for i, (a, b) in enumerate(zip(base["texts"], ours["texts"])) if a != b]
-    rows.append(["texts that differ", "", f"{len(differ)} of {len(base['texts'])}", ""])
-    text = f"### {model_key}\n\n" + harness.format_table(["metric", "baseline", "loratune", "loratune / baseline"], rows)
-    for index in differ[:3]:
-        text += f"\n\nexample {index} differs:\n  baseline: {base['texts'][index]!r}\n  loratune: {ours['texts'][index]!r}"
+        rows.append([key, *[f"{rouge[side][key]:.4f}" for side in sides], ""])
+
+    differ = {side: [i for i, (a, b) in enumerate(zip(base["texts"], results[side]["texts"])) if a != b]
+              for side in sides}
+    rows.append(["texts that differ from the baseline",
+                 *["" if side == "baseline" else f"{len(differ[side])} of {len(base['texts'])}" for side in sides], ""])
+    text = f"### {model_key}\n\n" + harness.format_table(["metric", *sides, "loratune / baseline"], rows)
+    for side in sides:
+        for index in differ[side][:3]:
+            text += (f"\n\nexample {index} differs:\n  baseline: {base['texts'][index]!r}\n"
+                     f"  {side}: {results[side]['texts'][index]!r}")
     return text + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=DEFAULT_MODELS)
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=DEFAULT_SIDES)
     parser.add_argument("--examples", type=int, help="test examples per model (default: per model)")
     parser.add_argument("--run", type=Path, help="trained run folder whose adapter both sides load (smollm2 only)")
     harness.add_process_arguments(parser)
@@ -191,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_source = 512
             config = side_config(recipe, model_path, source, count, max_source)
             results = {}
-            for side in SIDES:
+            for side in dict.fromkeys(["baseline", *args.sides, "loratune"]):
                 spec = {"side": side, "config": config, "examples": count, "threads": args.threads}
                 if args.run and model_key == "smollm2":
                     spec["run"] = str(args.run.resolve())

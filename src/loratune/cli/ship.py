@@ -154,7 +154,7 @@ def _add_predict(commands) -> None:
     predict.add_argument("--text-column", metavar="NAME", help="column to summarize (default: data.text_column)")
     predict.add_argument("--id-column", metavar="NAME",
                          help="column with unique row ids (default: data.id_column; rows are numbered if it is missing)")
-    predict.add_argument("--batch-size", type=_positive_int, metavar="N", help="most rows per generate() call (default: generation.batch_size)")
+    predict.add_argument("--batch-size", type=_positive_int, metavar="N", help="max rows per generate() call (default: generation.batch_size)")
     predict.add_argument("--max-new-tokens", type=_positive_int, metavar="N", help="max tokens per summary (default: generation.max_new_tokens)")
     predict.add_argument("--resume", action="store_true", help="continue from OUTPUT.partial")
     predict.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
