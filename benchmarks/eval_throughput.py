@@ -1,8 +1,8 @@
 """Evaluation throughput: loratune's batched generation against one example at a time.
 
-    .venv/bin/python benchmarks/eval_throughput.py [--models smollm2 t5-tiny t5-small] [--examples 48]
+    .venv/bin/python benchmarks/eval_throughput.py [--run RUN_DIR] [--sides ...] [--examples 48]
 
-Both sides run greedy decoding on the same SAMSum test prompts with the same model, each in a
+Every side runs greedy decoding with SmolLM2 on the same SAMSum test prompts, each in a
 child process of its own. The baseline calls ``generate`` once per example
 (benchmarks/baseline.py). loratune calls ``loratune.evaluate.generation.generate`` with the
 recipe's generation settings (length-sorted batches, left padding for causal models, KV
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,15 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-MODELS = {
-    # model key: (recipe in configs/, default number of test examples)
-    "smollm2": ("smollm2-samsum.yaml", 48),
-    "t5-tiny": ("flan-t5-base-samsum.yaml", 48),
-    "t5-small": ("flan-t5-base-samsum.yaml", 48),
-}
-# The T5 models have random weights: each generates its pad token (the decoder start token)
-# until max_new_tokens, so they measure decoding speed but not text or ROUGE.
-DEFAULT_MODELS = ["smollm2"]
+RECIPE = "smollm2-samsum.yaml"
 # loratune-unmerged: loratune's batched generation with the adapter left as a PEFT layer.
 SIDES = ["baseline", "loratune", "loratune-unmerged"]
 DEFAULT_SIDES = ["baseline", "loratune"]
@@ -124,13 +115,9 @@ def run_side(spec: dict) -> None:
 # ----------------------------------------------------------------------------- parent side
 
 
-def side_config(recipe: str, model_path: str | None, source: str, examples: int, max_source: int | None) -> dict:
-    config = yaml.safe_load((harness.CONFIGS / recipe).read_text())
-    if model_path:
-        config["model"]["name_or_path"] = model_path
+def side_config(source: str, examples: int) -> dict:
+    config = yaml.safe_load((harness.CONFIGS / RECIPE).read_text())
     config["data"].update(source=source, max_test_samples=examples)
-    if max_source:
-        config["data"]["max_source_length"] = max_source
     return config
 
 
@@ -179,10 +166,9 @@ def report(model_key: str, results: dict[str, dict], max_new_tokens: int) -> str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=DEFAULT_MODELS)
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=DEFAULT_SIDES)
-    parser.add_argument("--examples", type=int, help="test examples per model (default: per model)")
-    parser.add_argument("--run", type=Path, help="trained run folder whose adapter both sides load (smollm2 only)")
+    parser.add_argument("--examples", type=int, default=48, help="first N test examples (default: 48)")
+    parser.add_argument("--run", type=Path, help="trained run folder whose adapter every side loads")
     harness.add_process_arguments(parser)
     args = parser.parse_args(argv)
     if args.child:
@@ -190,28 +176,23 @@ def main(argv: list[str] | None = None) -> int:
         run_side(spec)
         return 0
 
+    if args.run:
+        from loratune.runs import is_run_dir
+
+        if not is_run_dir(args.run):
+            parser.error(f"--run {args.run}: not a loratune run folder (no loratune.json)")
     source = harness.start_parent(args.threads)
     print(f"Adapter: {args.run or 'fresh, B = 0'}\n")
-    all_results = {"machine": harness.machine_description(), "source": source, "models": {}}
-    with tempfile.TemporaryDirectory(prefix="loratune-bench-model-") as folder:
-        for model_key in args.models:
-            recipe, default_examples = MODELS[model_key]
-            count = args.examples or default_examples
-            model_path, max_source = None, None
-            if model_key in harness.T5_SHAPES:
-                model_path = harness.t5_for_benchmark(model_key, source, Path(folder))
-                max_source = 512
-            config = side_config(recipe, model_path, source, count, max_source)
-            results = {}
-            for side in dict.fromkeys(["baseline", *args.sides, "loratune"]):
-                spec = {"side": side, "config": config, "examples": count, "threads": args.threads}
-                if args.run and model_key == "smollm2":
-                    spec["run"] = str(args.run.resolve())
-                results[side] = harness.run_child(Path(__file__), spec, f"{model_key} {side}")
-            all_results["models"][model_key] = results
-            max_new = config.get("generation", {}).get("max_new_tokens", 64)
-            print(report(model_key, results, max_new), flush=True)
+    config = side_config(source, args.examples)
+    results = {}
+    for side in dict.fromkeys(["baseline", *args.sides, "loratune"]):
+        spec = {"side": side, "config": config, "examples": args.examples, "threads": args.threads}
+        if args.run:
+            spec["run"] = str(args.run.resolve())
+        results[side] = harness.run_child(Path(__file__), spec, f"smollm2 {side}")
+    print(report("smollm2", results, config["generation"]["max_new_tokens"]), flush=True)
     print(f"Load average at end: {harness.machine_description().rsplit('load average ', 1)[1]}")
+    all_results = {"machine": harness.machine_description(), "source": source, "adapter": str(args.run), "results": results}
     if args.json:
         args.json.write_text(json.dumps(all_results, indent=2))
     return 0

@@ -26,9 +26,13 @@ LIMITS = [(16, None), (48, 6144), (64, 8192)]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="trained run folder, for example the quickstart's output")
-    parser.add_argument("--examples", type=int, default=200, help="first N test rows")
-    parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
+    parser.add_argument("--examples", type=int, default=200, help="first N test rows (default: 200)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core unless OMP_NUM_THREADS is set)")
     args = parser.parse_args(argv)
+    from loratune.runs import is_run_dir
+
+    if not is_run_dir(args.run):
+        parser.error(f"{args.run}: not a loratune run folder (no loratune.json)")
     source = harness.start_parent(args.threads)
 
     from loratune.config import DataConfig, load_config

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,14 +52,20 @@ def add_process_arguments(parser, json_output: bool = True) -> None:
     """Add the options every benchmark script takes: --threads, --json and the hidden --child."""
     import argparse
 
-    parser.add_argument("--threads", type=int, help="torch threads in every process (default: one per core)")
+    parser.add_argument("--threads", type=int, help="torch threads in every process (default: torch's, one per core unless OMP_NUM_THREADS is set)")
     if json_output:
         parser.add_argument("--json", type=Path, help="also write all measurements to this file")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
 
 
+def quiet_library_warnings() -> None:
+    """Hide the warning that peft 0.21 triggers on every model load, as the loratune CLI does."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def read_child_spec(path: Path) -> dict:
     """Load the spec a child process runs from and apply its thread count."""
+    quiet_library_warnings()
     spec = json.loads(Path(path).read_text())
     set_threads(spec.get("threads"))
     return spec
@@ -66,6 +73,7 @@ def read_child_spec(path: Path) -> dict:
 
 def start_parent(threads: int | None) -> str:
     """Apply the thread count, print the machine and data lines, and return the SAMSum source."""
+    quiet_library_warnings()
     set_threads(threads)
     source = samsum_source()
     print(f"Machine: {machine_description()}")
@@ -91,8 +99,9 @@ def machine_description() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    threads = torch.get_num_threads()
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {threads} thread{'' if threads == 1 else 's'}, "
         f"transformers {transformers.__version__}, load average {load}"
     )
 
@@ -184,13 +193,15 @@ def build_t5(shape: str, folder: Path, texts: Sequence[str], vocab_size: int = 8
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+    from transformers.utils import logging as transformers_logging
 
     special = ["<pad>", "</s>", "<unk>"]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.normalizer = normalizers.NFKC()
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
+    backend.train_from_iterator(texts, trainer)
     backend.post_processor = processors.TemplateProcessing(
         single="$A </s>", special_tokens=[("</s>", backend.token_to_id("</s>"))]
     )
@@ -204,6 +215,7 @@ def build_t5(shape: str, folder: Path, texts: Sequence[str], vocab_size: int = 8
         "eos_token_id": tokenizer.eos_token_id,
         "decoder_start_token_id": tokenizer.pad_token_id,
     })
+    transformers_logging.disable_progress_bar()
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -2,7 +2,7 @@ import os
 import stat
 
 from loratune.cli.main import main
-from loratune.runs import run_lock, write_text_atomic
+from loratune.runs import run_lock, use_plain_file_modes, write_text_atomic
 
 
 def test_atomic_write_leaves_no_temporary_file(tmp_path):
@@ -23,6 +23,19 @@ def test_atomic_write_uses_umask_mode(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o600
+
+
+def test_plain_file_modes_follow_umask(tmp_path):
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"x")
+    weights.chmod(0o600)
+    previous = os.umask(0o022)
+    try:
+        use_plain_file_modes(tmp_path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644
 
 
 def test_second_run_into_locked_folder_fails(tmp_path, tiny_llama_dir, capsys):

@@ -7,6 +7,7 @@ when the file is loaded, and every problem is reported in one ``ConfigError``.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +21,28 @@ class ConfigError(ValueError):
     """Raised when a recipe or an override is invalid. The message lists every problem."""
 
 
+def _none_is_not_text(annotation: Any) -> bool:
+    """Return True for an optional type with no text or literal member, such as ``int | None``."""
+    members = typing.get_args(annotation)
+    return (
+        type(None) in members
+        and str not in members
+        and not any(typing.get_origin(member) is Literal for member in members)
+    )
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _none_word_is_none(cls, value: Any, info) -> Any:
+        # YAML reads `none` as text, but on a command line it is the obvious way to unset a key.
+        if isinstance(value, str) and value.strip().lower() == "none":
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and _none_is_not_text(field.annotation):
+                return None
+        return value
 
 
 class ModelConfig(_Section):

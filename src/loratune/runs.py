@@ -77,6 +77,18 @@ def _umask() -> int:
     return mask
 
 
+def use_plain_file_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain open() would give it.
+
+    safetensors writes its files readable by their owner only (mode 0600), unlike the JSON
+    and tokenizer files next to them.
+    """
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 

@@ -65,6 +65,17 @@ def test_overrides_are_typed(tmp_path):
     assert config.data.max_train_samples == 10
 
 
+def test_none_word_unsets_optional_numbers():
+    config = load_config(None, ["generation.batch_tokens=none", "data.max_source_length=None"])
+    assert config.generation.batch_tokens is None
+    assert config.data.max_source_length is None
+    assert load_config(None, ["generation.batch_tokens=512"]).generation.batch_tokens == 512
+    # Where "none" is a valid text value, it stays text.
+    assert load_config(None, ["model.quantization=none"]).model.quantization == "none"
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(None, ["train.batch_size=none"])
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="expected section.key=value"):
         parse_override("train.epochs")

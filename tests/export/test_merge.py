@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -155,3 +157,28 @@ def test_merge_quantized_run_uses_full_precision(llama_run, tmp_path, caplog):
 def test_merge_cli_errors(tmp_path, capsys):
     assert main(["merge", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "not a loratune run folder" in capsys.readouterr().err
+
+
+def test_describe_target_merge_state(llama_run, tiny_llama_dir, tmp_path):
+    from loratune.export.target import describe_target
+
+    merged_dir = merge_run(llama_run, tmp_path / "merged")
+    cases = {
+        str(llama_run): (True, "run folder, adapter merged in memory"),
+        str(merged_dir): (True, "merged folder"),
+        str(tiny_llama_dir): (False, "base model"),
+    }
+    for target, (merged, source) in cases.items():
+        description = describe_target(target, load_for_inference(target))
+        assert description["merged"] is merged, target
+        assert description["loaded_from"] == source, target
+
+
+def test_merged_weights_use_umask_mode(llama_run, tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    merged_dir = merge_run(llama_run, tmp_path / "merged")
+    weights = list(merged_dir.glob("*.safetensors"))
+    assert weights
+    for path in weights:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name

@@ -1,7 +1,9 @@
 """End-to-end training on tiny random models: invariants of LoRA and of the run folder."""
 
 import json
+import os
 import platform
+import stat
 import subprocess
 import sys
 
@@ -60,6 +62,10 @@ def test_run_folder_describes_itself(tiny_llama_dir, tmp_path):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "logs").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "checkpoint-2").is_dir()
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask
     info = json.loads((run_dir / "loratune.json").read_text())
     assert info["base_model"] == str(tiny_llama_dir)
     assert info["family"] == "causal"

@@ -86,7 +86,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except PredictOutputError as error:
         return _fail(args, error)
     rate = report.generated / report.seconds if report.seconds else 0.0
-    print(f"Wrote {report.rows} predictions to {report.output} ({report.resumed} from the partial file, "
+    noun = "prediction" if report.rows == 1 else "predictions"
+    print(f"Wrote {report.rows} {noun} to {report.output} ({report.resumed} from the partial file, "
           f"{report.generated} generated in {report.seconds:.1f} s, {rate:.2f} rows/s).")
     return 0
 

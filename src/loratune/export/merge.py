@@ -19,7 +19,7 @@ import torch
 import loratune
 from loratune.config import GenerationSettings, load_config
 from loratune.models.inference import MERGED_KEY, load_run_for_inference, read_merge_record
-from loratune.runs import ADAPTER_DIR, CONFIG_FILE, INFO_FILE, load_run_info, write_json_atomic
+from loratune.runs import ADAPTER_DIR, CONFIG_FILE, INFO_FILE, load_run_info, use_plain_file_modes, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def merge_run(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path | N
     shutil.rmtree(tmp_dir, ignore_errors=True)
     merged.save_pretrained(tmp_dir)
     loaded.tokenizer.save_pretrained(tmp_dir)
+    use_plain_file_modes(tmp_dir)
     if (run_dir / CONFIG_FILE).is_file():
         shutil.copy2(run_dir / CONFIG_FILE, tmp_dir / CONFIG_FILE)
     record = {

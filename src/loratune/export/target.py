@@ -42,10 +42,17 @@ def load_target(target: str, config: RunConfig) -> InferenceModel:
 def describe_target(target: str, loaded: InferenceModel) -> dict:
     """Describe the loaded model for logs and ``GET /v1/models``."""
     merge = read_merge_record(Path(target)) if is_run_dir(Path(target)) else None
+    if merge is not None:
+        source = "merged folder"
+    elif loaded.adapter is not None:
+        source = "run folder, adapter merged in memory"
+    else:
+        source = "base model"
     return {
         "base_model": merge["base_model"] if merge else loaded.base_model,
         "adapter": merge["adapter"] if merge else loaded.adapter,
-        "merged": merge is not None,
+        "merged": merge is not None or loaded.adapter is not None,
+        "loaded_from": source,
         "family": loaded.family,
         "prompt_format": loaded.prompt.to_dict(),
         "max_source_length": loaded.max_source_length,

@@ -28,6 +28,7 @@ from loratune.runs import (
     RunInfo,
     run_lock,
     save_run_info,
+    use_plain_file_modes,
     write_json_atomic,
     write_text_atomic,
 )
@@ -350,6 +351,7 @@ def save_adapter(trainer: LoraTrainer, loaded: LoadedModel, run_dir: Path) -> No
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.save_pretrained(str(tmp))
     loaded.tokenizer.save_pretrained(str(tmp))
+    use_plain_file_modes(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
