@@ -240,5 +240,5 @@ def predict_file(
     text = "".join(json.dumps(records[row.id], ensure_ascii=False) + "\n" for row in rows)
     write_text_atomic(output, text)
     partial.unlink()
-    logger.info("Wrote %d predictions to %s", len(rows), output)
+    logger.info("Wrote %d %s to %s", len(rows), "prediction" if len(rows) == 1 else "predictions", output)
     return PredictReport(len(rows), len(done), len(pending), len(empty), truncated, seconds, output)
