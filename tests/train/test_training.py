@@ -64,8 +64,9 @@ def test_run_folder_describes_itself(tiny_llama_dir, tmp_path):
     assert (run_dir / "checkpoints" / "checkpoint-2").is_dir()
     umask = os.umask(0)
     os.umask(umask)
-    weights = run_dir / "adapter" / "adapter_model.safetensors"
-    assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask
+    for weights in (run_dir / "adapter" / "adapter_model.safetensors",
+                    run_dir / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"):
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask, weights
     info = json.loads((run_dir / "loratune.json").read_text())
     assert info["base_model"] == str(tiny_llama_dir)
     assert info["family"] == "causal"

@@ -14,6 +14,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import rotate_checkpoints
 
 from loratune.data.formatting import IGNORE_INDEX
+from loratune.runs import use_plain_file_modes
 from loratune.train.callbacks import check_finite_loss
 from loratune.train.checkpoints import (
     STAGING_DIR,
@@ -106,6 +107,7 @@ class LoraTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
             write_log_state(staging / name, self._tr_loss.item(), self._globalstep_last_logged)
+            use_plain_file_modes(staging / name)
             publish_checkpoint(staging / name, run_dir / name)
             staging.rmdir()
         except OSError as error:
