@@ -160,10 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results, check = {}, None
     with tempfile.TemporaryDirectory(prefix="loratune-bench-mfu-") as folder:
-        model_path, lengths = None, None
-        if args.model in harness.T5_SHAPES:
-            model_path = harness.t5_for_benchmark(args.model, source, Path(folder))
-            lengths = train_throughput.fixed_lengths(recipe, model_path, source, args.steps * args.batch_size)
+        model_path, lengths = train_throughput.benchmark_model(
+            args.model, source, Path(folder), args.steps * args.batch_size)
         for side in SIDES:
             config = train_throughput.side_config(
                 recipe, model_path, source, args.steps, args.batch_size, lengths, side, f"{folder}/run")

@@ -251,6 +251,18 @@ def fixed_lengths(recipe: str, model_path: str, source: str, count: int) -> tupl
                               data_config.target_length_percentile, None, None, None)
 
 
+def benchmark_model(model_key: str, source: str, folder: Path, rows: int) -> tuple[str | None, tuple[int, int] | None]:
+    """Return the model path and fixed max lengths for ``model_key`` over ``rows`` training rows.
+
+    A T5 model is built in ``folder``, and its lengths are the ones loratune picks from the
+    data. For SmolLM2 both are None: the recipe names the model and sets the lengths.
+    """
+    if model_key not in harness.T5_SHAPES:
+        return None, None
+    model_path = harness.t5_for_benchmark(model_key, source, folder)
+    return model_path, fixed_lengths(MODELS[model_key][0], model_path, source, rows)
+
+
 def derived(result: dict, peaks: dict) -> dict:
     seconds = result["loop_seconds"]
     peak = peaks["bf16" if result["precision"] == "bf16" else "fp32"]
@@ -322,10 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         for model_key in args.models:
             recipe, default_steps = MODELS[model_key]
             steps = args.steps or default_steps
-            model_path = None
-            if model_key in harness.T5_SHAPES:
-                model_path = harness.t5_for_benchmark(model_key, source, Path(folder))
-            lengths = fixed_lengths(recipe, model_path, source, steps * args.batch_size) if model_path else None
+            model_path, lengths = benchmark_model(model_key, source, Path(folder), steps * args.batch_size)
             results = {}
             for side in args.sides:
                 if side == "loratune-packing" and model_key != "smollm2":
