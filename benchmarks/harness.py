@@ -6,6 +6,7 @@ peak resident memory is its own and no two sides compete for the CPU cores.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -48,10 +49,8 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def add_process_arguments(parser, json_output: bool = True) -> None:
+def add_process_arguments(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
     """Add the options every benchmark script takes: --threads, --json and the hidden --child."""
-    import argparse
-
     parser.add_argument("--threads", type=int, help="torch threads in every process (default: torch's, one per core unless OMP_NUM_THREADS is set)")
     if json_output:
         parser.add_argument("--json", type=Path, help="also write all measurements to this file")
@@ -177,8 +176,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 # "t5-tiny" is small enough to train in seconds. "t5-small" copies FLAN-T5-small's layer
 # shapes (gated-GELU feed-forward, 32,128-way output layer), so its matmuls are those of a
 # real checkpoint; the tokenizer still has 8,000 tokens. Both keep the original T5's scaling
-# of the decoder output: FLAN-T5 turns it off, which with random weights would start the loss
-# near 140 instead of near ln(vocabulary size).
+# of the decoder output. FLAN-T5 turns it off, which with random weights started the loss at
+# 140 to 170 (measured) instead of near ln(vocabulary size).
 T5_SHAPES = {
     "t5-tiny": dict(d_model=256, d_ff=1024, d_kv=32, num_heads=8, num_layers=4, num_decoder_layers=4),
     "t5-small": dict(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -36,7 +36,7 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _none_word_is_none(cls, value: Any, info) -> Any:
+    def _none_word_is_none(cls, value: Any, info: ValidationInfo) -> Any:
         # YAML reads `none` as text, but on a command line it is the obvious way to unset a key.
         if isinstance(value, str) and value.strip().lower() == "none":
             field = cls.model_fields.get(info.field_name)

@@ -62,7 +62,8 @@ def test_plan_batches_within_limits():
     for batch, width in zip(batches, longest):
         assert len(batch) <= 6
         assert len(batch) == 1 or len(batch) * width <= 200
-    # Longest first: 100-token prompts in pairs, 55 with two shorter, 12 and below fill 6 rows.
+    # Longest first: 100-token prompts in pairs, 55 with two shorter ones, and prompts of 12
+    # tokens or fewer in batches of 6.
     assert [len(batch) for batch in batches] == [2, 2, 3, 6, 3]
 
 

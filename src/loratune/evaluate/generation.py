@@ -109,7 +109,7 @@ def _generate_chunk(
 
 
 def _batch_rows(longest: int, batch_size: int, batch_tokens: int | None) -> int:
-    """Rows in a batch whose longest prompt has ``longest`` tokens."""
+    """Return how many prompts a batch takes when its longest prompt has ``longest`` tokens."""
     if batch_tokens is None:
         return batch_size
     return max(1, min(batch_size, batch_tokens // max(longest, 1)))

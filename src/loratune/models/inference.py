@@ -72,8 +72,10 @@ def load_run_for_inference(run_dir: Path, dtype: torch.dtype = torch.float32, me
     With ``merge`` (the default) the adapter is added into the base weights in memory, so
     generation runs the plain model. Unmerged, every adapted layer adds two small matmuls,
     a scaling and a sum at each decoding step, and on a CPU those small operations take a
-    large share of the step. With ``merge=False`` the model stays a ``PeftModel``. A folder written by ``loratune merge``
-    is loaded as it is, since the adapter is already part of its weights.
+    large share of the step. With ``merge=False`` the model stays a ``PeftModel``.
+
+    A folder written by ``loratune merge`` is loaded as it is, since the adapter is already
+    part of its weights.
     """
     run_dir = Path(run_dir)
     if read_merge_record(run_dir) is not None:

@@ -49,7 +49,6 @@ from loratune.train.trainer import LoraTrainer, MetricsLogCallback, PadCollator
 logger = logging.getLogger(__name__)
 
 
-
 class OutputDirError(RuntimeError):
     """Raised when the output folder contains another run and overwriting is off."""
 
